@@ -1,0 +1,67 @@
+"""Make CrypTen 0.4.1 importable on current torch (2.1 and later).
+
+Import this module before ``crypten``; every mpc_lm module that needs CrypTen
+does so through :func:`import_crypten`.
+
+Why: ``crypten/nn/onnx_converter.py`` imports ``torch.onnx.symbolic_registry``
+and, failing that, ``torch.onnx._internal.registration``. Neither exists in
+torch 2.11-2.13, so ``import crypten`` raises ``ModuleNotFoundError``. Only the
+ONNX converter (``crypten.nn.from_pytorch`` / ``from_onnx``) uses that registry;
+mpc_lm builds its secure models directly and never calls the converter. A
+stand-in module under the second name lets the import succeed; calling the
+converter afterwards fails loudly instead of silently doing the wrong thing.
+
+CrypTen also defines ``__torch_function__`` as a plain method, which torch
+reports with a ``DeprecationWarning`` on every process; it is filtered here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+import warnings
+
+_STANDIN = "torch.onnx._internal.registration"
+
+
+class _UnavailableRegistry:
+    """Stand-in for torch's ONNX symbolic registry (gone in torch >= 2.1)."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(
+            "CrypTen's ONNX converter (crypten.nn.from_pytorch/from_onnx) does not "
+            "work on this torch version; mpc_lm converts Hugging Face models itself "
+            "(see mpc_lm.convert)."
+        )
+
+
+def _install_standin() -> None:
+    try:
+        importlib.import_module(_STANDIN)
+        return
+    except ImportError:
+        pass
+    module = types.ModuleType(_STANDIN)
+    module.registry = _UnavailableRegistry()
+    sys.modules[_STANDIN] = module
+
+
+def import_crypten():
+    """Return the ``crypten`` module, importable on torch 2.1+."""
+    if "crypten" in sys.modules:
+        return sys.modules["crypten"]
+    _install_standin()
+    warnings.filterwarnings("ignore", message=".*__torch_function__.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="crypten")
+    try:
+        import crypten  # noqa: PLC0415  (deliberately late: the stand-in must exist first)
+    except ImportError as err:
+        if getattr(err, "name", None) != "crypten":
+            raise
+        raise ImportError(
+            "CrypTen is not installed. Its PyPI metadata does not install on current torch; "
+            "run 'bash install.sh' (it runs pip install --no-deps crypten==0.4.1)."
+        ) from None
+
+    return crypten

@@ -1,0 +1,256 @@
+"""Non-linear functions on secret shares, each with its cost and error.
+
+All functions take CrypTen ``MPCTensor`` inputs and explicit parameters (no
+global config is read here). Costs are per call, in *online rounds*: one
+round is one batched opening between the computing parties (a Beaver
+multiplication or one layer of a comparison circuit). With the TTP dealer,
+party 0 additionally makes one request/response exchange with the dealer per
+multiplication. ``C`` below stands for one comparison (CrypTen's ``_ltz``:
+arithmetic-to-binary conversion with a log-depth adder, about 7-8 rounds,
+and 64 binary AND triples per element). Error bounds are for exact
+arithmetic; 16-bit fixed point adds about 2^-16 per multiplication.
+Measured figures: docs/approximations.md; tests: tests/test_approx.py.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+from ._compat import import_crypten
+
+crypten = import_crypten()
+from crypten.encoder import FixedPointEncoder  # noqa: E402
+
+# ---------------------------------------------------------------- helpers
+
+
+def as_fixed(bits):
+    """Re-encode a 0/1 comparison result (precision 0) as fixed point. Local, free."""
+    out = bits.clone()
+    encoder = FixedPointEncoder()
+    out._tensor.share = out._tensor.share * int(encoder.scale)
+    out.encoder = encoder
+    return out
+
+
+def ge_many(x, thresholds):
+    """[x >= t] for each public t, as fixed-point 0/1, in ONE comparison call.
+
+    Cost: C on ``len(thresholds) * x.numel()`` elements, rounds of a single C.
+    """
+    stacked = crypten.stack([x - float(t) for t in thresholds])
+    return as_fixed(stacked.ge(0))
+
+
+def mul_many(pairs):
+    """Products of several same-shape pairs in one batched round."""
+    if len(pairs) == 1:
+        a, b = pairs[0]
+        return [a * b]
+    left = crypten.stack([a for a, _ in pairs])
+    right = crypten.stack([b for _, b in pairs])
+    return list((left * right).unbind(0))
+
+
+# ---------------------------------------------------------------- polynomials
+
+
+def chebyshev(v, coeffs):
+    """sum_k coeffs[k] * T_k(v) for v in [-1, 1].
+
+    T_k are built with T_{2k} = 2 T_k^2 - 1 and T_{2k+1} = 2 T_{k+1} T_k - v, all
+    products of one level batched: degree d costs ceil(log2 d) rounds. Values
+    of T_k stay in [-1, 1], so fixed-point error does not blow up the way
+    monomials with large alternating coefficients do.
+    """
+    degree = len(coeffs) - 1
+    T = {0: None, 1: v}
+    known = 1
+    while known < degree:
+        todo = [k for k in range(known + 1, min(2 * known, degree) + 1)]
+        pairs = [(T[(k + 1) // 2], T[k // 2]) for k in todo]
+        products = mul_many(pairs)
+        for k, p in zip(todo, products):
+            T[k] = p * 2 - 1 if k % 2 == 0 else p * 2 - v
+        known = todo[-1]
+    result = v * float(coeffs[1]) + float(coeffs[0]) if degree >= 1 else v * 0 + float(coeffs[0])
+    for k in range(2, degree + 1):
+        result = result + T[k] * float(coeffs[k])
+    return result
+
+
+def _gelu_exact(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+@lru_cache(maxsize=None)
+def fit_even_odd(name: str, bound: float, degree: int) -> tuple[float, ...]:
+    """Chebyshev coefficients in v = 2 (x/bound)^2 - 1, fitted near-minimax on [-bound, bound].
+
+    ``gelu``: fits gelu(x) - x/2 (even). ``tanh``: fits tanh(x) / (x/bound) times
+    (x/bound), i.e. an odd function. Deterministic (fixed grid, fixed iterations).
+    """
+    x = np.linspace(-bound, bound, 8001)
+    v = 2 * (x / bound) ** 2 - 1
+    basis = np.polynomial.chebyshev.chebvander(v, degree)
+    if name == "gelu":
+        target = _gelu_exact(x) - 0.5 * x
+    elif name == "tanh":
+        target, basis = np.tanh(x), basis * (x / bound)[:, None]
+    else:
+        raise ValueError(f"no fit named {name!r}")
+    weights = np.ones_like(x)
+    for _ in range(80):  # iteratively reweighted least squares towards minimax
+        coeffs, *_ = np.linalg.lstsq(basis * weights[:, None], target * weights, rcond=None)
+        err = np.abs(basis @ coeffs - target)
+        weights = weights * (1 + err / err.max())
+    return tuple(float(c) for c in coeffs)
+
+
+GELU_BOUND, GELU_DEGREE = 4.0, 8
+TANH_BOUND, TANH_DEGREE = 4.5, 10
+
+
+def gelu(x):
+    """GELU(x) = x * Phi(x), piecewise: 0 below -4, x above 4, polynomial between.
+
+    Inside: x/2 + P(v), P a degree-8 Chebyshev series in v = 2(x/4)^2 - 1
+    (fit error 3.5e-5); outside, |GELU(x) - piece| <= 1.3e-4 (at |x| = 4).
+    Cost: one C on 2 elements per input, 1 round for x^2, 3 for the
+    series, 1 for the selection: C + 5 rounds. Max error 1.7e-4 + fixed point.
+    """
+    lo, hi = ge_many(x, [-GELU_BOUND, GELU_BOUND]).unbind(0)  # [x >= -4], [x >= 4]
+    v = x.square() * (2 / GELU_BOUND**2) - 1
+    inside = x * 0.5 + chebyshev(v, fit_even_odd("gelu", GELU_BOUND, GELU_DEGREE))
+    middle = lo - hi
+    a, b = mul_many([(middle, inside), (hi, x)])
+    return a + b
+
+
+def tanh(x):
+    """tanh(x): sign(x) beyond 4.5, odd degree-21 polynomial inside.
+
+    Fit error 4.3e-4; tail error 2.5e-4. Cost: C + 6 rounds.
+    """
+    lo, hi = ge_many(x, [-TANH_BOUND, TANH_BOUND]).unbind(0)
+    v = x.square() * (2 / TANH_BOUND**2) - 1
+    inside = chebyshev(v, fit_even_odd("tanh", TANH_BOUND, TANH_DEGREE))
+    inside = inside * (x * (1 / TANH_BOUND))
+    middle = lo - hi
+    # outside: +1 where x >= 4.5 (hi), -1 where x < -4.5 (1 - lo)
+    (a,) = mul_many([(middle, inside)])
+    return a + hi - (1 - lo)
+
+
+def relu(x):
+    """max(x, 0) exactly. Cost: C + 1 round."""
+    return x * as_fixed(x.ge(0))
+
+
+# ---------------------------------------------------------------- exp / max
+
+
+def exp_nonpositive(x, iterations: int):
+    """e^x for x <= 0 as (1 + x / 2^n)^(2^n).
+
+    Valid for x > -2^n (the base must stay positive). The relative error is
+    about x^2 / 2^(n+1), so the absolute error x^2 e^x / 2^(n+1) peaks at
+    x = -2: 0.0021 for n = 8 (0.0011 for n = 9). Cost: n rounds (squarings).
+    """
+    result = x * (1.0 / 2**iterations) + 1
+    for _ in range(iterations):
+        result = result.square()
+    return result
+
+
+def row_max(x):
+    """Maximum over the last dimension by a comparison tree.
+
+    max(a, b) = b + (a - b)[a >= b]. Cost per level: C + 1 round; ceil(log2 n) levels.
+    """
+    while x.size(-1) > 1:
+        n = x.size(-1)
+        half = n // 2
+        a, b = x[..., :half], x[..., half : 2 * half]
+        diff = a - b
+        m = b + diff * as_fixed(diff.ge(0))
+        x = crypten.cat([m, x[..., 2 * half :]], dim=-1) if n % 2 else m
+    return x
+
+
+# ---------------------------------------------------------------- reciprocal, inverse sqrt
+
+
+def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float):
+    """A first guess for x^power from [x >= 2^k], k = lo_exp+1 .. hi_exp, in one comparison.
+
+    Within [2^k, 2^(k+1)) the guess is (2^(k+0.5))^power, so the guess is within
+    a factor 2^(|power|/2) of the truth: NR then needs few iterations. Inputs
+    below 2^lo_exp get the guess of the lowest bucket, above 2^hi_exp the highest.
+    Cost: one C on (hi_exp - lo_exp) elements per input; the selection is local.
+    """
+    ks = list(range(lo_exp + 1, hi_exp + 1))
+    indicators = ge_many(x, [2.0**k for k in ks]).unbind(0)
+    guess = x * 0 + (2.0 ** (lo_exp + 0.5)) ** power
+    previous = (2.0 ** (lo_exp + 0.5)) ** power
+    for k, ind in zip(ks, indicators):
+        value = (2.0 ** (k + 0.5)) ** power
+        guess = guess + ind * (value - previous)
+        previous = value
+    return guess
+
+
+def reciprocal(x, lo_exp: int, hi_exp: int, iterations: int):
+    """1/x for x in [2^lo_exp, 2^hi_exp] (x > 0).
+
+    Newton-Raphson y <- y (2 - x y) from the bucket guess: relative error
+    e0 <= 0.42, e_{k+1} = e_k^2, so 4 iterations give < 1e-6 before fixed point.
+    Cost: one C + 2 rounds per iteration.
+    """
+    y = _bucket_guess(x, lo_exp, hi_exp, -1.0)
+    for _ in range(iterations):
+        y = y * (2 - x * y)
+    return y
+
+
+def inv_sqrt(x, lo_exp: int, hi_exp: int, iterations: int):
+    """1/sqrt(x) for x in [2^lo_exp, 2^hi_exp] (x > 0).
+
+    Newton-Raphson y <- y (3 - x y^2) / 2 from the bucket guess: relative error
+    e0 <= 0.19, e_{k+1} ~ 1.5 e_k^2: 3 iterations give ~3e-5.
+    Cost: one C + 3 rounds per iteration.
+    """
+    y = _bucket_guess(x, lo_exp, hi_exp, -0.5)
+    for _ in range(iterations):
+        y = y * (3 - x * y.square()) * 0.5
+    return y
+
+
+# ---------------------------------------------------------------- softmax
+
+
+MASK_PENALTY = 64.0
+
+
+def masked_softmax(scores, key_mask, exp_iterations: int, reciprocal_iterations: int):
+    """Softmax over the last dim of ``scores``, ignoring keys where ``key_mask`` is 0.
+
+    ``key_mask`` is a secret 0/1 tensor broadcastable to ``scores`` (padding is
+    private: only the bucket length is public). Masked keys get a penalty of
+    64 before the max, so e^(s - max) for them is below e^-64 (0 in 16-bit
+    fixed point) without an extra multiplication; this needs s - max > -2^n,
+    i.e. score ranges below 2^n - 64 (192 for n = 8; measured BERT ranges < 140).
+    The exponentials are then multiplied by the mask, so masked keys count
+    exactly zero even if a masked score exceeded every real one.
+    Cost: row_max + exp (n rounds) + 1 + reciprocal of the row sum + 1.
+    """
+    shifted = scores + (key_mask - 1) * MASK_PENALTY
+    shifted = shifted - row_max(shifted)
+    e = exp_nonpositive(shifted, exp_iterations) * key_mask
+    total = e.sum(dim=-1, keepdim=True)
+    hi_exp = max(1, math.ceil(math.log2(scores.size(-1))) + 1)
+    return e * reciprocal(total, -1, hi_exp, reciprocal_iterations)
+

@@ -1,0 +1,52 @@
+"""The dealer: a separate process that streams correlated randomness (TTP).
+
+The dealer shares one PRNG seed with each computing party. For a Beaver triple
+every party draws its shares of ``a`` and ``b`` (and all but party 0 their
+share of ``c``) from that seed locally; the dealer, which can replay all
+seeds, computes ``c = a * b`` and sends party 0 the one share that makes the
+sum right. The dealer learns nothing about inputs: it never receives a share
+of any data, only requests naming a function and tensor sizes (public).
+
+CrypTen's ``TTPServer`` runs its loop inside ``__init__`` and swallows a
+``RuntimeError`` from a vanished party, returning as if all went well. This
+loop reuses its generators and functions but lets failures surface, so the
+dealer exits non-zero when a party crashes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ._compat import import_crypten
+
+crypten = import_crypten()
+import crypten.communicator as comm  # noqa: E402
+from crypten.mpc.provider.ttp_provider import TTPServer  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+_FUNCTIONS = {"additive", "square", "binary", "wraps", "B2A"}
+
+
+def serve() -> int:
+    """Answer requests until party 0 says ``terminate``; return the number served."""
+    server = object.__new__(TTPServer)
+    server.ttp_group = comm.get().ttp_group
+    server.comm_group = comm.get().ttp_comm_group
+    server.device = "cpu"
+    server._setup_generators()
+    ttp_rank = comm.get().get_ttp_rank()
+    served = 0
+    while True:
+        message = comm.get().recv_obj(0, server.ttp_group)
+        if message == "terminate":
+            log.info("dealer done after %d requests", served)
+            return served
+        function = message["function"]
+        if function not in _FUNCTIONS:
+            raise RuntimeError(f"dealer received an unknown request {function!r}")
+        server.device = message["device"]
+        result = getattr(server, function)(*message["args"], **message["kwargs"])
+        comm.get().send_obj(result.size(), 0, server.ttp_group)
+        comm.get().broadcast(result, ttp_rank, server.comm_group)
+        served += 1

@@ -1,0 +1,97 @@
+"""Secure transformer building blocks: each reads like its plaintext twin.
+
+Inputs and parameters are CrypTen ``MPCTensor`` shares; shapes are public.
+Linear weights are stored as (in, out) so a projection is one ``matmul``
+(one round); the attention scale 1/sqrt(d) is folded into the query weights
+at conversion time (see mpc_lm/convert.py), and Q, K, V are one fused
+projection. Approximations come from :mod:`mpc_lm.approx` with the
+parameters of :class:`mpc_lm.config.Approximations` passed in explicitly.
+"""
+
+from __future__ import annotations
+
+from . import approx
+from .config import Approximations
+
+# LayerNorm variance range covered by the inverse square root's first guess:
+# measured on all-MiniLM-L6-v2 and BERT-base, LayerNorm inputs have
+# variances between 0.002 and 130 (docs/approximations.md).
+VAR_LO_EXP, VAR_HI_EXP = -12, 14
+
+
+def linear(x, weight, bias=None):
+    """x @ W + b with W stored (in, out). Cost: 1 round."""
+    y = x.matmul(weight)
+    return y if bias is None else y + bias
+
+
+def layer_norm(x, gamma, beta, eps: float, ap: Approximations):
+    """(x - mean) / sqrt(var + eps) * gamma + beta over the last dimension.
+
+    Cost: 1 round (square) + inv_sqrt (C + 3 per iteration) + 2 rounds.
+    """
+    centered = x - x.mean(dim=-1, keepdim=True)
+    var = centered.square().mean(dim=-1, keepdim=True)
+    inv = approx.inv_sqrt(var + eps, VAR_LO_EXP, VAR_HI_EXP, ap.inv_sqrt_iterations)
+    return centered * (inv * gamma) + beta
+
+
+def activation(x, name: str, ap: Approximations):
+    if name in ("gelu", "gelu_new", "gelu_python", "gelu_pytorch_tanh"):
+        if ap.gelu == "poly":
+            return approx.gelu(x)
+        if ap.gelu == "erf":
+            return x * (x.mul(0.7071067811865476).erf() + 1) * 0.5
+        return x * (x * 1.702).sigmoid()
+    if name == "relu":
+        return approx.relu(x)
+    raise ValueError(f"activation {name!r} has no secure implementation (gelu, relu)")
+
+
+def split_heads(x, heads: int):
+    """(B, T, H) -> (B, heads, T, H / heads). Local."""
+    b, t, h = x.size()
+    return x.reshape(b, t, heads, h // heads).permute(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """(B, heads, T, d) -> (B, T, heads * d). Local."""
+    b, n, t, d = x.size()
+    return x.permute(0, 2, 1, 3).reshape(b, t, n * d)
+
+
+def self_attention(x, key_mask, p: dict, prefix: str, heads: int, ap: Approximations):
+    """Multi-head self-attention with a secret padding mask.
+
+    ``key_mask`` is (B, 1, 1, T), 1 for real tokens. Cost: 1 round (fused QKV)
+    + 1 (scores) + masked_softmax + 1 (context) + 1 (output projection).
+    """
+    qkv = linear(x, p[f"{prefix}.qkv.weight"], p[f"{prefix}.qkv.bias"])
+    hidden = x.size(-1)
+    q, k, v = (split_heads(qkv[..., i * hidden : (i + 1) * hidden], heads) for i in range(3))
+    scores = q.matmul(k.transpose(-1, -2))  # 1/sqrt(d) already folded into W_q
+    probs = approx.masked_softmax(scores, key_mask, ap.exp_iterations, ap.reciprocal_iterations)
+    context = merge_heads(probs.matmul(v))
+    return linear(context, p[f"{prefix}.out.weight"], p[f"{prefix}.out.bias"])
+
+
+def embed_tokens(one_hot, table):
+    """Embedding lookup of secret token ids as (B, T, V) one-hot @ (V, H). 1 round.
+
+    The one-hot rows are shared with precision 0 (exact 0/1 integers), so the
+    product needs no fixed-point truncation.
+    """
+    return one_hot.matmul(table)
+
+
+def mean_pool(hidden, mask, ap: Approximations):
+    """Masked mean over tokens: sum(h * m) / sum(m). The count is private.
+
+    Cost: 1 round + reciprocal of a count in [1, T].
+    """
+    m = mask.unsqueeze(-1)
+    total = (hidden * m).sum(dim=1)
+    count = m.sum(dim=1)
+    seq = mask.size(-1)
+    hi_exp = max(1, seq.bit_length())
+    return total * approx.reciprocal(count, -1, hi_exp, ap.reciprocal_iterations)

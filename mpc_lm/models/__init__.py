@@ -1,0 +1,1 @@
+"""Secure model families, one module each (encoders: BERT, RoBERTa, DistilBERT)."""

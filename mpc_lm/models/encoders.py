@@ -1,0 +1,220 @@
+"""BERT, RoBERTa and DistilBERT encoders on secret shares.
+
+One file for the encoder family: the public architecture (:class:`EncoderArch`,
+derived by the model owner from the HF config and sent to every party), the
+map from Hugging Face weight names to canonical ones (used by the model
+owner alone), the public parameter shapes (used by everyone to receive
+shares), and the secure forward pass, which follows ``modeling_bert.py``
+line for line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import approx, layers
+from ..config import Approximations
+from ..errors import ModelError
+
+FAMILIES = ("bert", "roberta", "distilbert")
+
+
+@dataclass(frozen=True)
+class EncoderArch:
+    """Everything about the model that is public. Sent by the model owner."""
+
+    family: str
+    task: str  # "sequence-classification" or "embedding"
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    max_positions: int
+    position_offset: int  # RoBERTa counts positions from padding_idx + 1
+    type_vocab: int
+    eps: float
+    act: str
+    num_labels: int  # 0: embeddings are the output
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncoderArch":
+        return cls(**d)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_positions - self.position_offset
+
+
+def arch_from_hf(cfg: dict, task: str, num_labels: int) -> EncoderArch:
+    family = cfg.get("model_type")
+    if family not in FAMILIES:
+        raise ModelError(
+            f"model_type {family!r} is not an encoder family mpc_lm supports ({', '.join(FAMILIES)})"
+        )
+    if family == "distilbert":
+        return EncoderArch(
+            family, task, cfg["vocab_size"], cfg["dim"], cfg["n_layers"], cfg["n_heads"],
+            cfg["hidden_dim"], cfg["max_position_embeddings"], 0, 0, 1e-12, cfg["activation"], num_labels,
+        )
+    if cfg.get("position_embedding_type", "absolute") not in (None, "absolute"):
+        raise ModelError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported (absolute only)")
+    offset = cfg.get("pad_token_id", 1) + 1 if family == "roberta" else 0
+    return EncoderArch(
+        family, task, cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"],
+        cfg["num_attention_heads"], cfg["intermediate_size"], cfg["max_position_embeddings"],
+        offset, cfg.get("type_vocab_size", 2), cfg.get("layer_norm_eps", 1e-12), cfg["hidden_act"], num_labels,
+    )
+
+
+# ------------------------------------------------------------------ weight names
+
+_LAYER = {
+    "bert": {
+        "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+        "out": "attention.output.dense", "ln1": "attention.output.LayerNorm",
+        "ff1": "intermediate.dense", "ff2": "output.dense", "ln2": "output.LayerNorm",
+    },
+    "distilbert": {
+        "q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin",
+        "out": "attention.out_lin", "ln1": "sa_layer_norm",
+        "ff1": "ffn.lin1", "ff2": "ffn.lin2", "ln2": "output_layer_norm",
+    },
+}
+_LAYER["roberta"] = _LAYER["bert"]
+
+
+def _prefixes(arch: EncoderArch) -> tuple[str, str]:
+    base = "" if arch.task == "embedding" else f"{arch.family}."
+    stack = "transformer.layer" if arch.family == "distilbert" else "encoder.layer"
+    return base, stack
+
+
+def param_shapes(arch: EncoderArch) -> dict[str, tuple[int, ...]]:
+    """Canonical parameter names and shapes, computable by every party."""
+    h, i = arch.hidden, arch.intermediate
+    shapes: dict[str, tuple[int, ...]] = {
+        "emb.word": (arch.vocab_size, h),
+        "emb.pos": (arch.max_positions, h),
+    }
+    if arch.family != "distilbert":
+        shapes["emb.type"] = (arch.type_vocab, h)
+    shapes.update({"emb.ln.weight": (h,), "emb.ln.bias": (h,)})
+    for n in range(arch.layers):
+        shapes.update({
+            f"l{n}.attn.qkv.weight": (h, 3 * h), f"l{n}.attn.qkv.bias": (3 * h,),
+            f"l{n}.attn.out.weight": (h, h), f"l{n}.attn.out.bias": (h,),
+            f"l{n}.ln1.weight": (h,), f"l{n}.ln1.bias": (h,),
+            f"l{n}.ff1.weight": (h, i), f"l{n}.ff1.bias": (i,),
+            f"l{n}.ff2.weight": (i, h), f"l{n}.ff2.bias": (h,),
+            f"l{n}.ln2.weight": (h,), f"l{n}.ln2.bias": (h,),
+        })
+    if arch.num_labels:
+        shapes.update({"head.pre.weight": (h, h), "head.pre.bias": (h,)} if arch.task != "embedding" else {})
+        shapes.update({"head.out.weight": (h, arch.num_labels), "head.out.bias": (arch.num_labels,)})
+    return shapes
+
+
+def _head_names(arch: EncoderArch) -> dict[str, str]:
+    if arch.task == "embedding":
+        return {"head.out": "head"}
+    return {
+        "bert": {"head.pre": "bert.pooler.dense", "head.out": "classifier"},
+        "roberta": {"head.pre": "classifier.dense", "head.out": "classifier.out_proj"},
+        "distilbert": {"head.pre": "pre_classifier", "head.out": "classifier"},
+    }[arch.family]
+
+
+def canonical_state(hf: dict[str, torch.Tensor], arch: EncoderArch) -> dict[str, torch.Tensor]:
+    """Model owner only: HF state dict -> canonical tensors (transposed, QKV fused, scaled).
+
+    Raises ModelError naming the first missing weight or wrong shape.
+    """
+    base, stack = _prefixes(arch)
+    emb = f"{base}embeddings."
+
+    def get(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise ModelError(
+                f"checkpoint has no weight {name!r}, which a {arch.family} "
+                f"{arch.task} model with this config needs: the checkpoint does not match its config.json"
+            )
+        return hf[name].detach().to(torch.float32)
+
+    out = {"emb.word": get(emb + "word_embeddings.weight"), "emb.pos": get(emb + "position_embeddings.weight")}
+    if arch.family != "distilbert":
+        out["emb.type"] = get(emb + "token_type_embeddings.weight")
+    out["emb.ln.weight"], out["emb.ln.bias"] = get(emb + "LayerNorm.weight"), get(emb + "LayerNorm.bias")
+    names = _LAYER[arch.family]
+    scale = 1.0 / math.sqrt(arch.hidden // arch.heads)
+    for n in range(arch.layers):
+        pre = f"{base}{stack}.{n}."
+        w = {k: get(pre + names[k] + ".weight") for k in ("q", "k", "v", "out", "ff1", "ff2")}
+        b = {k: get(pre + names[k] + ".bias") for k in ("q", "k", "v", "out", "ff1", "ff2")}
+        out[f"l{n}.attn.qkv.weight"] = torch.cat([w["q"] * scale, w["k"], w["v"]], 0).t()
+        out[f"l{n}.attn.qkv.bias"] = torch.cat([b["q"] * scale, b["k"], b["v"]], 0)
+        for k, dst in (("out", "attn.out"), ("ff1", "ff1"), ("ff2", "ff2")):
+            out[f"l{n}.{dst}.weight"], out[f"l{n}.{dst}.bias"] = w[k].t(), b[k]
+        for ln in ("ln1", "ln2"):
+            out[f"l{n}.{ln}.weight"] = get(pre + names[ln] + ".weight")
+            out[f"l{n}.{ln}.bias"] = get(pre + names[ln] + ".bias")
+    if arch.num_labels:
+        for dst, src in _head_names(arch).items():
+            out[f"{dst}.weight"], out[f"{dst}.bias"] = get(src + ".weight").t(), get(src + ".bias")
+    check_shapes(out, param_shapes(arch))
+    return out
+
+
+def check_shapes(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
+    for name, shape in shapes.items():
+        if name not in state:
+            raise ModelError(f"canonical weight {name!r} is missing (internal conversion error)")
+        if tuple(state[name].shape) != tuple(shape):
+            raise ModelError(
+                f"weight {name!r} has shape {tuple(state[name].shape)} but the architecture "
+                f"config implies {tuple(shape)}: the checkpoint does not match its config.json"
+            )
+
+
+# ------------------------------------------------------------------ secure forward
+
+
+def encode(p: dict, one_hot, mask, arch: EncoderArch, ap: Approximations):
+    """Hidden states (B, T, H) of secret token ids (one-hot) and a secret 0/1 mask (B, T)."""
+    seq = one_hot.size(1)
+    x = layers.embed_tokens(one_hot, p["emb.word"])
+    x = x + p["emb.pos"][arch.position_offset : arch.position_offset + seq]
+    if "emb.type" in p:
+        x = x + p["emb.type"][0]  # single-segment input: token type 0 (public)
+    x = layers.layer_norm(x, p["emb.ln.weight"], p["emb.ln.bias"], arch.eps, ap)
+    key_mask = mask.unsqueeze(1).unsqueeze(1)
+    for n in range(arch.layers):
+        attn = layers.self_attention(x, key_mask, p, f"l{n}.attn", arch.heads, ap)
+        x = layers.layer_norm(x + attn, p[f"l{n}.ln1.weight"], p[f"l{n}.ln1.bias"], arch.eps, ap)
+        h = layers.activation(layers.linear(x, p[f"l{n}.ff1.weight"], p[f"l{n}.ff1.bias"]), arch.act, ap)
+        h = layers.linear(h, p[f"l{n}.ff2.weight"], p[f"l{n}.ff2.bias"])
+        x = layers.layer_norm(x + h, p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"], arch.eps, ap)
+    return x
+
+
+def head(p: dict, hidden, mask, arch: EncoderArch, ap: Approximations):
+    """Logits (B, num_labels), or pooled embeddings (B, H) when the model has no head."""
+    if arch.task == "embedding":
+        pooled = layers.mean_pool(hidden, mask, ap)
+        if not arch.num_labels:
+            return pooled
+        return layers.linear(pooled, p["head.out.weight"], p["head.out.bias"])
+    cls = hidden[:, 0]
+    pre = layers.linear(cls, p["head.pre.weight"], p["head.pre.bias"])
+    pre = layers.activation(pre, "relu", ap) if arch.family == "distilbert" else approx.tanh(pre)
+    return layers.linear(pre, p["head.out.weight"], p["head.out.bias"])
+
+
+def forward(p: dict, one_hot, mask, arch: EncoderArch, ap: Approximations):
+    return head(p, encode(p, one_hot, mask, arch, ap), mask, arch, ap)
