@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import dealer, infer, transport
+from . import dealer, jobs, transport
 from .config import Role, load_config
 from .errors import MpcLmError, PartyFailure
 from .runtime import party_session
@@ -40,7 +40,7 @@ def run_party(config_path: str, name: str, result_path: str | None = None, log_l
             if ctx.role == Role.DEALER:
                 summary = {"requests_served": dealer.serve()}
             else:
-                summary = infer.run(ctx)
+                summary = jobs.job_for(cfg.job.kind)(ctx)
             summary.update(party=name, role=ctx.role.value, rank=ctx.rank, device=str(ctx.device),
                            traffic_total=ctx.comm.traffic.snapshot())
             if audit is not None:
