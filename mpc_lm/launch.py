@@ -91,13 +91,25 @@ def _stop_all(procs: dict, grace_s: float) -> None:
         log_file.close()
 
 
+def _root_cause(procs: dict, failed: list[tuple[str, int]]) -> tuple[str, int]:
+    """The party whose own error started it: others only relay ("reported") or lost contact."""
+    time.sleep(0.5)  # let parties that fail together finish writing their logs
+    failed = failed + [(n, p.poll()) for n, (p, _, _) in procs.items()
+                       if p.poll() not in (None, 0) and n not in dict(failed)]
+    for name, code in failed:
+        line = _first_error_line(procs[name][1])
+        if line and "reported:" not in line and "lost contact" not in line:
+            return name, code
+    return failed[0]
+
+
 def _supervise(cfg: ConsortiumConfig, procs: dict, on_tick=None) -> None:
     deadline = time.monotonic() + cfg.timeouts.run_s
     while True:
         codes = {name: p.poll() for name, (p, _, _) in procs.items()}
         failed = [(name, c) for name, c in codes.items() if c not in (None, 0)]
         if failed:
-            name, code = failed[0]
+            name, code = _root_cause(procs, failed)
             log_path = procs[name][1]
             _stop_all(procs, cfg.timeouts.shutdown_s)
             reason = _first_error_line(log_path) or f"exit code {code}"

@@ -150,8 +150,14 @@ def party_session(cfg: ConsortiumConfig, name: str, audit: transport.Audit | Non
     _configure_crypten(cfg)
     deadline = time.monotonic() + cfg.timeouts.startup_s
     store = _connect_store(cfg, rank, total)
-    _announce(store, rank, party, digest)
-    joined = _wait_for_all(store, cfg, total, deadline)
+    try:
+        _announce(store, rank, party, digest)
+        joined = _wait_for_all(store, cfg, total, deadline)
+    except RuntimeError as err:  # the store's host went away while we waited
+        raise RendezvousError(
+            f"lost the rendezvous hosted by party {cfg.party_at(0).name!r} during start-up "
+            f"(it stopped; see its log): {str(err).splitlines()[0][:200]}"
+        ) from None
     _check_agreement(cfg, joined, name, digest)
     log.info("all %d parties joined; building the process group", total)
 
@@ -164,12 +170,14 @@ def party_session(cfg: ConsortiumConfig, name: str, audit: transport.Audit | Non
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ctx = PartyContext(config=cfg, party=party, rank=rank, comm=comm, device=device)
+    clean = False
     try:
         if party.role != Role.DEALER:
             _init_crypten_party()
         yield ctx
+        clean = True
     finally:
-        _shutdown(store)
+        _shutdown(store, clean)
 
 
 def _init_crypten_party() -> None:
@@ -179,11 +187,16 @@ def _init_crypten_party() -> None:
         crypten.mpc.provider.ttp_provider.TTPClient._init()
 
 
-def _shutdown(store) -> None:
+def _shutdown(store, clean: bool) -> None:
+    """Tear down. Only a clean exit tells the dealer to stop; after a failure the
+    process group is dropped, so peers (the dealer too) see the loss and fail."""
     if not dist.is_initialized():
         return
     try:
-        crypten.uninit()
+        if clean:
+            crypten.uninit()
+        else:
+            dist.destroy_process_group()
     except Exception as err:  # a peer already gone: nothing left to tell it
         log.debug("shutdown: %s", err)
     del store

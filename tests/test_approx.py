@@ -1,0 +1,94 @@
+"""Each approximation against torch, within the error bound stated in its docstring.
+
+These run in a one-process CrypTen world: the arithmetic (fixed point,
+comparison circuits, Newton iterations) is the same as with several parties;
+only the communication is absent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mpc_lm import approx
+from mpc_lm._compat import import_crypten
+
+crypten = import_crypten()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process_world():
+    if not crypten.is_initialized():
+        crypten.init()
+    yield
+
+
+def enc(x):
+    return crypten.cryptensor(x)
+
+
+def test_gelu_within_bound_everywhere():
+    x = torch.linspace(-20, 20, 4001)
+    err = (approx.gelu(enc(x)).get_plain_text() - torch.nn.functional.gelu(x)).abs().max().item()
+    assert err < 3e-4  # fit 3.5e-5 + tail 1.3e-4 + fixed point
+
+
+def test_tanh_within_bound():
+    x = torch.linspace(-12, 12, 2001)
+    assert (approx.tanh(enc(x)).get_plain_text() - torch.tanh(x)).abs().max().item() < 8e-4
+
+
+def test_relu_is_exact_up_to_fixed_point():
+    x = torch.randn(1000) * 5
+    assert (approx.relu(enc(x)).get_plain_text() - torch.relu(x)).abs().max().item() < 2 ** -15
+
+
+def test_exp_absolute_error():
+    x = torch.linspace(-60, 0, 3001)
+    err = (approx.exp_nonpositive(enc(x), 8).get_plain_text() - x.exp()).abs().max().item()
+    assert err < 3e-3
+
+
+def test_row_max_odd_and_even_lengths():
+    for n in (1, 2, 5, 16, 17):
+        x = torch.randn(3, n) * 10
+        got = approx.row_max(enc(x)).get_plain_text()
+        assert torch.allclose(got, x.max(-1, keepdim=True).values, atol=1e-4)
+
+
+def test_reciprocal_relative_error_over_softmax_range():
+    x = torch.linspace(0.5, 256, 1000)
+    got = approx.reciprocal(enc(x), -1, 9, 4).get_plain_text()
+    # fixed point limits the relative precision of small results: |1/x| >= 1/256 = 256 ulp
+    assert ((got - 1 / x).abs() / (1 / x)).max().item() < 6e-3
+
+
+def test_inv_sqrt_over_layernorm_variance_range():
+    v = torch.logspace(math.log10(2e-3), math.log10(4000), 500)
+    got = approx.inv_sqrt(enc(v), -12, 14, 3).get_plain_text()
+    rel = ((got - v.rsqrt()) / v.rsqrt()).abs()
+    assert rel[v > 0.01].max().item() < 2e-3
+    assert rel.max().item() < 1e-2  # tiny variances: the input itself has few significant bits
+
+
+def test_masked_softmax_ignores_masked_keys():
+    torch.manual_seed(0)
+    s = torch.randn(2, 3, 8, 8) * 6
+    m = torch.ones(2, 1, 1, 8)
+    m[0, ..., 5:] = 0
+    got = approx.masked_softmax(enc(s), enc(m), 8, 4).get_plain_text()
+    ref = torch.softmax(s.masked_fill(m == 0, float("-inf")), -1)
+    assert (got - ref).abs().max().item() < 5e-3
+    assert got[0, ..., 5:].abs().max().item() < 1e-4
+
+
+def test_chebyshev_matches_numpy():
+    import numpy as np
+
+    coeffs = [0.3, -0.5, 0.25, 0.1, -0.05, 0.02]
+    v = torch.linspace(-1, 1, 101)
+    ref = np.polynomial.chebyshev.chebval(v.numpy(), coeffs)
+    got = approx.chebyshev(enc(v), coeffs).get_plain_text().numpy()
+    assert np.abs(got - ref).max() < 1e-3
