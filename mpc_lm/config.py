@@ -68,6 +68,9 @@ class Party(_Strict):
     device: str = "cpu"
     input: Path | None = Field(None, description="data owner: text file, one sequence per line")
     output: Path | None = Field(None, description="data owner: JSONL file it alone receives")
+    train_data: Path | None = Field(None, description="data owner, job.kind train: JSONL of "
+                                    '{"text": ..., "label": int} training examples (docs/training.md)')
+    eval_data: Path | None = Field(None, description="data owner, job.kind train: held-out JSONL, same format")
 
     @field_validator("device")
     @classmethod
@@ -78,10 +81,10 @@ class Party(_Strict):
 
     @model_validator(mode="after")
     def _io_only_for_data_owners(self) -> "Party":
-        if self.role != Role.DATA_OWNER and (self.input or self.output):
+        if self.role != Role.DATA_OWNER and (self.input or self.output or self.train_data or self.eval_data):
             raise ValueError(
                 f"party {self.name!r} has role {self.role.value}; only data_owner parties take "
-                "'input'/'output' (remove them or change the role)"
+                "'input'/'output'/'train_data'/'eval_data' (remove them or change the role)"
             )
         return self
 
@@ -90,7 +93,7 @@ class ModelSpec(_Strict):
     """The model owner's checkpoint. Only the model owner opens ``path``."""
 
     path: str = Field(description="local HF directory, or 'builtin:demo-minilm-sentiment'")
-    task: Literal["sequence-classification", "embedding"] = "sequence-classification"
+    task: Literal["sequence-classification", "embedding", "causal-lm"] = "sequence-classification"
     tokenizer: str | None = Field(None, description="public tokenizer directory (default: path)")
 
 
@@ -100,16 +103,65 @@ class Approximations(_Strict):
     precision_bits: int = Field(16, ge=8, le=24)
     gelu: Literal["poly", "erf", "sigmoid"] = "poly"
     exp_iterations: int = Field(8, ge=4, le=12)
-    reciprocal_iterations: int = Field(10, ge=3, le=20)
-    inv_sqrt_iterations: int = Field(3, ge=1, le=10)
+    reciprocal_iterations: int = Field(4, ge=2, le=20, description="Newton steps after the bucketed guess (4 reach 16-bit precision)")
+    inv_sqrt_iterations: int = Field(3, ge=1, le=10, description="Newton steps after the bucketed guess")
     max_method: Literal["log_reduction", "pairwise"] = "log_reduction"
+    mode: Literal["mpc_lm", "crypten"] = Field(
+        "mpc_lm", description="'crypten': CrypTen's stock functions under crypten.cfg defaults "
+        "(softmax, inv_sqrt, erf/sigmoid GELU, tanh, relu, reciprocal); the fields above other "
+        "than precision_bits and gelu are then unused. For the benchmark (docs/bench.md).")
+
+
+class Generation(_Strict):
+    """Decoding of ``job.kind: generate`` (docs/causal-lm.md). The choice is made inside MPC."""
+
+    max_new_tokens: int = Field(8, ge=1, le=1024)
+    strategy: Literal["greedy", "sample"] = "greedy"
+    top_k: int = Field(0, ge=0, le=1024, description="sample among the k most likely tokens (0: all)")
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    seed: int | None = Field(None, description="public seed of every party's noise: reproducible, TESTS ONLY")
+    kv_cache: bool = Field(True, description="keep keys/values in secret shares (false: recompute)")
+
+
+class Training(_Strict):
+    """Encrypted fine-tuning (``job.kind: train``); every field is documented in docs/training.md."""
+
+    trainable: Literal["head", "last_k", "lora", "all"] = "head"
+    last_k: int = Field(1, ge=1, description="trainable: last_k trains the last k encoder layers + head")
+    lora_rank: int = Field(4, ge=1, le=256)
+    lora_alpha: float = Field(8.0, gt=0)
+    lora_targets: list[Literal["q", "k", "v"]] = Field(["q", "v"], min_length=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-4, gt=0, description="adam: 1/sqrt(v + eps^2); below ~2^(lo/2)/loss_scale it has no effect")
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches (job.batch_size) per step")
+    loss_scale: float = Field(1024.0, gt=0, description="public factor on the loss gradient (fixed point)")
+    adam_v_range: tuple[int, int] = Field((-12, 20), description="log2 range of loss-scaled v for inv_sqrt")
+    eval_every: int | None = Field(None, ge=1, description="steps between evaluations (always at the end)")
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints")
+    checkpoint_dir: Path | None = Field(None, description="default: run_dir/checkpoints/NAME; one subdir per party")
+    resume: bool = Field(True, description="resume from the last complete checkpoint set if there is one")
+    reveal_metrics_to: list[str] = Field(default_factory=list, description="party names that see loss/accuracy")
+    output_dir: Path | None = Field(None, description="model owner: save_pretrained here (default run_dir/NAME-trained)")
+    seed: int = 0
 
 
 class Job(_Strict):
-    kind: Literal["classify", "embed"] = "classify"
+    kind: Literal["classify", "embed", "score", "generate", "train"] = "classify"
     seq_len: int = Field(32, ge=2, le=8192, description="padded length bucket (public)")
     batch_size: int = Field(8, ge=1, le=4096)
     truncate: bool = Field(False, description="cut sequences longer than seq_len instead of failing")
+    generate: Generation = Generation()
+    reveal_logits: bool = Field(False, description="score: also reveal all logits to the data owner "
+                                "(fidelity checks; reveals more of the model, so the model owner must agree)")
+    train: Training | None = Field(None, description="job.kind train: what and how to fine-tune")
 
 
 class ConsortiumConfig(_Strict):
@@ -145,9 +197,16 @@ class ConsortiumConfig(_Strict):
             )
         if self.security.provider == "tfp" and count[Role.DEALER]:
             raise ValueError("security.provider 'tfp' uses no dealer: remove the dealer party")
+        training = self.job.kind == "train"
         for p in self.parties:
-            if p.role == Role.DATA_OWNER and p.input is None:
+            if p.role == Role.DATA_OWNER and not training and p.input is None:
                 raise ValueError(f"data owner {p.name!r} needs 'input' (a text file, one sequence per line)")
+        if training:
+            if not any(p.train_data for p in self.parties):
+                raise ValueError("job.kind train needs at least one data owner with 'train_data' (JSONL)")
+            unknown = [n for n in (self.job.train or Training()).reveal_metrics_to if n not in names]
+            if unknown:
+                raise ValueError(f"job.train.reveal_metrics_to names unknown parties {unknown}; parties are {names}")
         return self
 
     # ---- derived views -------------------------------------------------
@@ -219,10 +278,14 @@ def _resolve_paths(cfg: ConsortiumConfig, base: Path) -> ConsortiumConfig:
     """Make relative paths relative to the config file, not the working directory."""
 
     def fix(p: Path | None) -> Path | None:
-        return None if p is None or p.is_absolute() else (base / p).resolve()
+        if p is None or p.is_absolute():
+            return p
+        return (base / p).resolve()
 
     parties = [
-        p.model_copy(update={"input": fix(p.input), "output": fix(p.output)}) for p in cfg.parties
+        p.model_copy(update={"input": fix(p.input), "output": fix(p.output),
+                             "train_data": fix(p.train_data), "eval_data": fix(p.eval_data)})
+        for p in cfg.parties
     ]
     model = cfg.model
     if not model.path.startswith("builtin:") and not Path(model.path).is_absolute():
@@ -230,7 +293,11 @@ def _resolve_paths(cfg: ConsortiumConfig, base: Path) -> ConsortiumConfig:
     if model.tokenizer and not Path(model.tokenizer).is_absolute():
         model = model.model_copy(update={"tokenizer": str((base / model.tokenizer).resolve())})
     run_dir = cfg.run_dir if cfg.run_dir.is_absolute() else (base / cfg.run_dir).resolve()
-    return cfg.model_copy(update={"parties": parties, "model": model, "run_dir": run_dir})
+    job = cfg.job
+    if job.train is not None:  # training output paths are relative to the config file too
+        job = job.model_copy(update={"train": job.train.model_copy(update={
+            "checkpoint_dir": fix(job.train.checkpoint_dir), "output_dir": fix(job.train.output_dir)})})
+    return cfg.model_copy(update={"parties": parties, "model": model, "run_dir": run_dir, "job": job})
 
 
 def check_security(cfg: ConsortiumConfig) -> None:

@@ -12,12 +12,13 @@ at once with the same message instead of waiting for a timeout.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from . import convert, inputs
+from . import convert, inputs, resources
 from ._compat import import_crypten
 from .errors import InputError, ModelError, MpcLmError
 from .models import encoders
@@ -94,6 +95,10 @@ def _check_job_fits(ctx: PartyContext, arch: encoders.EncoderArch) -> None:
             "job.kind is 'classify' but the model has no classification head; use job.kind: embed "
             "or a checkpoint with a head"
         )
+    n_params = sum(math.prod(s) for s in encoders.param_shapes(arch).values())
+    need = resources.encoder_inference_bytes(n_params, job.batch_size, job.seq_len, arch.vocab_size,
+                                             arch.heads, arch.hidden, arch.intermediate)
+    resources.check_fits(need, ctx.device, ctx.party.name, f"encrypted inference of this {arch.family} model")
 
 
 def _prepare_data_owner(ctx: PartyContext):

@@ -15,9 +15,24 @@ def _infer(ctx):
     return infer.run(ctx)
 
 
+def _train(ctx):
+    from . import train
+
+    return train.run(ctx)
+
+
+def _causal(ctx):
+    from . import causal_job
+
+    return causal_job.run(ctx)
+
+
 JOBS: dict[str, Callable] = {
+    "score": _causal,
+    "generate": _causal,
     "classify": _infer,
     "embed": _infer,
+    "train": _train,
 }
 
 

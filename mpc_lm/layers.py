@@ -18,6 +18,12 @@ from .config import Approximations
 # variances between 0.002 and 130 (docs/approximations.md).
 VAR_LO_EXP, VAR_HI_EXP = -12, 14
 
+# ``Approximations.mode == "crypten"`` (the benchmark's stock-CrypTen baseline)
+# masks padded keys by adding -128 before CrypTen's softmax. Not "-inf": CrypTen's
+# exp is (1 + x/256)^256, which is < 1e-9 for -490 < x < -20 but overflows the
+# ring below -512; -128 keeps masked keys inside that window for score ranges < 360.
+STOCK_MASK_PENALTY = 128.0
+
 
 def linear(x, weight, bias=None):
     """x @ W + b with W stored (in, out). Cost: 1 round."""
@@ -32,19 +38,22 @@ def layer_norm(x, gamma, beta, eps: float, ap: Approximations):
     """
     centered = x - x.mean(dim=-1, keepdim=True)
     var = centered.square().mean(dim=-1, keepdim=True)
-    inv = approx.inv_sqrt(var + eps, VAR_LO_EXP, VAR_HI_EXP, ap.inv_sqrt_iterations)
+    if ap.mode == "crypten":  # stock CrypTen (benchmark baseline): its own NR initial guess
+        inv = (var + eps).inv_sqrt()
+    else:
+        inv = approx.inv_sqrt(var + eps, VAR_LO_EXP, VAR_HI_EXP, ap.inv_sqrt_iterations)
     return centered * (inv * gamma) + beta
 
 
 def activation(x, name: str, ap: Approximations):
     if name in ("gelu", "gelu_new", "gelu_python", "gelu_pytorch_tanh"):
-        if ap.gelu == "poly":
+        if ap.gelu == "poly" and ap.mode != "crypten":  # stock CrypTen has no poly GELU: erf
             return approx.gelu(x)
-        if ap.gelu == "erf":
+        if ap.gelu in ("poly", "erf"):
             return x * (x.mul(0.7071067811865476).erf() + 1) * 0.5
         return x * (x * 1.702).sigmoid()
     if name == "relu":
-        return approx.relu(x)
+        return x.relu() if ap.mode == "crypten" else approx.relu(x)
     raise ValueError(f"activation {name!r} has no secure implementation (gelu, relu)")
 
 
@@ -70,7 +79,10 @@ def self_attention(x, key_mask, p: dict, prefix: str, heads: int, ap: Approximat
     hidden = x.size(-1)
     q, k, v = (split_heads(qkv[..., i * hidden : (i + 1) * hidden], heads) for i in range(3))
     scores = q.matmul(k.transpose(-1, -2))  # 1/sqrt(d) already folded into W_q
-    probs = approx.masked_softmax(scores, key_mask, ap.exp_iterations, ap.reciprocal_iterations)
+    if ap.mode == "crypten":  # stock softmax; padding masked additively (see STOCK_MASK_PENALTY)
+        probs = (scores + (key_mask - 1) * STOCK_MASK_PENALTY).softmax(-1)
+    else:
+        probs = approx.masked_softmax(scores, key_mask, ap.exp_iterations, ap.reciprocal_iterations)
     context = merge_heads(probs.matmul(v))
     return linear(context, p[f"{prefix}.out.weight"], p[f"{prefix}.out.bias"])
 
@@ -94,4 +106,11 @@ def mean_pool(hidden, mask, ap: Approximations):
     count = m.sum(dim=1)
     seq = mask.size(-1)
     hi_exp = max(1, seq.bit_length())
+    if ap.mode == "crypten":
+        return total * count.reciprocal()
     return total * approx.reciprocal(count, -1, hi_exp, ap.reciprocal_iterations)
+
+
+def tanh(x, ap: Approximations):
+    """tanh: :func:`mpc_lm.approx.tanh`, or CrypTen's stock ``tanh`` when ``ap.mode == "crypten"``."""
+    return x.tanh() if ap.mode == "crypten" else approx.tanh(x)

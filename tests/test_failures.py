@@ -127,3 +127,27 @@ def test_killed_party_stops_the_others_within_the_timeout(tmp_path, tiny_models)
         assert procs[name].returncode != 0, out + procs["vendor"].communicate()[0]
         assert time.monotonic() - killed_at < 20 + 10
         assert "error:" in out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a host without a GPU")
+def test_cuda_party_on_a_host_without_gpu_is_refused_at_once(tmp_path, tiny_models):
+    cfg = write_config(tmp_path, tiny_models["bert"])
+    data = yaml.safe_load(cfg.read_text())
+    data["parties"][1]["device"] = "cuda:0"
+    cfg.write_text(yaml.safe_dump(data))
+    started = time.monotonic()
+    with pytest.raises(PartyFailure) as err:
+        launch(cfg)
+    assert "hospital" in str(err.value) and "no usable CUDA device" in str(err.value)
+    assert time.monotonic() - started < 45
+
+
+def test_model_that_does_not_fit_names_the_fix():
+    import torch
+
+    from mpc_lm import resources
+    from mpc_lm.errors import ResourceError
+
+    need = resources.encoder_inference_bytes(110_000_000, 4096, 512, 30522, 12, 768, 3072)
+    with pytest.raises(ResourceError, match="lower job.batch_size or job.seq_len"):
+        resources.check_fits(need, torch.device("cpu"), "vendor", "encrypted inference")

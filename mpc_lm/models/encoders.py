@@ -212,7 +212,7 @@ def head(p: dict, hidden, mask, arch: EncoderArch, ap: Approximations):
         return layers.linear(pooled, p["head.out.weight"], p["head.out.bias"])
     cls = hidden[:, 0]
     pre = layers.linear(cls, p["head.pre.weight"], p["head.pre.bias"])
-    pre = layers.activation(pre, "relu", ap) if arch.family == "distilbert" else approx.tanh(pre)
+    pre = layers.activation(pre, "relu", ap) if arch.family == "distilbert" else layers.tanh(pre, ap)
     return layers.linear(pre, p["head.out.weight"], p["head.out.bias"])
 
 
