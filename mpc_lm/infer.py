@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import convert, inputs, resources
+from . import progress as _progress
 from ._compat import import_crypten
 from .errors import InputError, ModelError, MpcLmError
 from .models import encoders
@@ -127,6 +128,8 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch, labels, params, progre
         return len(local[0])
 
     n = _agree(ctx, src, count)
+    if mine and progress is None:
+        progress = _progress.reporter(owner, n, f"{owner}: encrypted {ctx.config.job.kind}")
     outputs = []
     for start in range(0, n, job.batch_size):
         size = min(job.batch_size, n - start)
@@ -141,7 +144,9 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch, labels, params, progre
         if mine:
             outputs.append(plain.cpu())
         if progress is not None:
-            progress(size)
+            progress.update(size)
+    if progress is not None:
+        progress.close()
     if ctx.comm.audit is not None:  # test instrument (docs/security.md): job state is live here
         ctx.comm.audit.snapshot_held()
     if mine:
@@ -150,7 +155,7 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch, labels, params, progre
     return n
 
 
-def run(ctx: PartyContext, progress=None) -> dict:
+def run(ctx: PartyContext) -> dict:
     """The inference job of one computing party; returns its own measurements."""
     setup = Phase().begin(ctx)
     arch, labels, params = load_model(ctx)
@@ -159,7 +164,6 @@ def run(ctx: PartyContext, progress=None) -> dict:
                "share_weights": setup.end(ctx), "data_owners": {}}
     for owner in ctx.config.data_owners:
         phase = Phase().begin(ctx)
-        n = serve_data_owner(ctx, owner.name, arch, labels, params,
-                             progress if ctx.party.name == owner.name else None)
+        n = serve_data_owner(ctx, owner.name, arch, labels, params)
         summary["data_owners"][owner.name] = {"texts": n, **phase.end(ctx)}
     return summary

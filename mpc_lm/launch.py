@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .config import ConsortiumConfig, load_config
 from .errors import ConfigError, PartyFailure
+from .progress import ENV as PROGRESS_ENV
 
 _POLL_S = 0.1
 
@@ -119,6 +120,8 @@ def _supervise(cfg: ConsortiumConfig, procs: dict, on_tick=None) -> None:
             )
         if all(c == 0 for c in codes.values()):
             _stop_all(procs, 0)
+            if on_tick:
+                on_tick()
             return
         if time.monotonic() > deadline:
             running = [n for n, c in codes.items() if c is None]
@@ -133,7 +136,11 @@ def _supervise(cfg: ConsortiumConfig, procs: dict, on_tick=None) -> None:
 
 
 def launch(config_path: str | Path, on_tick=None, extra_env: dict | None = None) -> RunResult:
-    """Run all parties of ``config_path`` locally; raise on the first failure."""
+    """Run all parties of ``config_path`` locally; raise on the first failure.
+
+    ``on_tick(run_dir)`` is called while waiting (e.g. to draw progress from
+    ``run_dir / "progress"``, see :mod:`mpc_lm.progress`).
+    """
     config_path = Path(config_path).resolve()
     cfg = load_config(config_path)
     host, port = cfg.rendezvous.host, cfg.rendezvous.port
@@ -148,11 +155,11 @@ def launch(config_path: str | Path, on_tick=None, extra_env: dict | None = None)
         resolve_model_path(cfg.model)  # build the demo once, outside the parties' timeouts
     run_dir = cfg.run_dir / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: str(run_dir / "progress"), **(extra_env or {})}
     started = time.perf_counter()
     procs = _start(cfg, config_path, run_dir, env)
     try:
-        _supervise(cfg, procs, on_tick)
+        _supervise(cfg, procs, (lambda: on_tick(run_dir)) if on_tick else None)
     except BaseException:
         _stop_all(procs, cfg.timeouts.shutdown_s)
         raise
