@@ -9,8 +9,6 @@ attention score tensor and the feed-forward activations.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .errors import ResourceError
@@ -39,10 +37,13 @@ def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not Linux: no check
-        return 1 << 62
+    try:  # MemAvailable counts reclaimable page cache; "free" pages would not
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # not Linux: no check
 
 
 def encoder_inference_bytes(n_params: int, batch: int, seq: int, vocab: int, heads: int,
