@@ -18,6 +18,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .config_tls import TlsSettings
 from .errors import ConfigError, InsecureConfigError
 
 
@@ -33,11 +34,16 @@ class _Strict(BaseModel):
 
 
 class Rendezvous(_Strict):
-    """Where the first computing party hosts torch.distributed's TCP store."""
+    """Where the first computing party hosts torch.distributed's TCP store.
+
+    ``backend``: ``gloo`` (torch.distributed, unauthenticated and unencrypted: loopback
+    only unless ``security.insecure_development_mode``) or ``tls`` (mutual TLS between
+    parties, needs the ``tls:`` section; docs/transport.md).
+    """
 
     host: str = "127.0.0.1"
     port: int = Field(29500, ge=1, le=65535)
-    backend: Literal["gloo"] = "gloo"
+    backend: Literal["gloo", "tls"] = "gloo"
 
 
 class Timeouts(_Strict):
@@ -174,6 +180,23 @@ class ConsortiumConfig(_Strict):
     security: Security = Security()
     approx: Approximations = Approximations()
     run_dir: Path = Path("runs")
+    tls: TlsSettings | None = Field(None, description="mutual TLS between parties (rendezvous.backend: tls); "
+                                    "docs/transport.md")
+
+    @model_validator(mode="after")
+    def _tls_section(self) -> "ConsortiumConfig":
+        if self.rendezvous.backend == "tls" and self.tls is None:
+            raise ValueError(
+                "rendezvous.backend is 'tls' but there is no tls: section; add tls.ca and tls.dir "
+                "(create them with: mpc-lm certs DIR --config CONFIG)"
+            )
+        if self.tls is not None:
+            names = {p.name for p in self.parties}
+            for key in ("parties", "ports", "advertise"):
+                unknown = sorted(set(getattr(self.tls, key)) - names)
+                if unknown:
+                    raise ValueError(f"tls.{key} names unknown parties {unknown}; parties are {sorted(names)}")
+        return self
 
     @model_validator(mode="after")
     def _roles(self) -> "ConsortiumConfig":
@@ -297,7 +320,8 @@ def _resolve_paths(cfg: ConsortiumConfig, base: Path) -> ConsortiumConfig:
     if job.train is not None:  # training output paths are relative to the config file too
         job = job.model_copy(update={"train": job.train.model_copy(update={
             "checkpoint_dir": fix(job.train.checkpoint_dir), "output_dir": fix(job.train.output_dir)})})
-    return cfg.model_copy(update={"parties": parties, "model": model, "run_dir": run_dir, "job": job})
+    tls = cfg.tls.resolve_paths(base) if cfg.tls is not None else None  # certificates: relative to the file
+    return cfg.model_copy(update={"parties": parties, "model": model, "run_dir": run_dir, "job": job, "tls": tls})
 
 
 def check_security(cfg: ConsortiumConfig) -> None:
@@ -309,6 +333,26 @@ def check_security(cfg: ConsortiumConfig) -> None:
             "dealer party (the default), or, for development only, set "
             "security.insecure_development_mode: true."
         )
+    if cfg.rendezvous.backend == "gloo" and not cfg.security.insecure_development_mode \
+            and not _is_loopback(cfg.rendezvous.host):
+        raise InsecureConfigError(
+            f"rendezvous.host {cfg.rendezvous.host!r} is not a loopback address, and backend gloo "
+            "neither authenticates nor encrypts: anyone on the network could join, disrupt, or "
+            "read the shares and seeds. Use rendezvous.backend: tls with a tls: section "
+            "(mpc-lm certs; docs/transport.md), or, for development only, set "
+            "security.insecure_development_mode: true."
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_config(data: dict, source: str = "<dict>", base: Path | None = None) -> ConsortiumConfig:
@@ -320,6 +364,10 @@ def parse_config(data: dict, source: str = "<dict>", base: Path | None = None) -
         raise ConfigError(_format_validation_error(err, source)) from None
     cfg = _resolve_paths(cfg, base or Path.cwd())
     check_security(cfg)
+    if cfg.tls is not None:  # CA present; certificates here signed by it and named right
+        from .pki import check_tls_files
+
+        check_tls_files(cfg)
     return cfg
 
 

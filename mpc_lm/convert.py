@@ -41,9 +41,12 @@ class OwnedModel:
 
 def resolve_model_path(spec: ModelSpec) -> Path:
     if spec.path.startswith("builtin:"):
-        from . import demo
+        from . import demo, lm_examples
 
-        return demo.builtin_model(spec.path.removeprefix("builtin:"))
+        name = spec.path.removeprefix("builtin:")
+        if name in lm_examples.BUILTINS:  # causal LM examples (docs/causal-lm.md)
+            return lm_examples.builtin_model(name)
+        return demo.builtin_model(name)
     path = Path(spec.path)
     if not (path / "config.json").is_file():
         raise ModelError(
@@ -57,9 +60,12 @@ def resolve_tokenizer_path(spec: ModelSpec) -> Path:
     if spec.tokenizer:
         return Path(spec.tokenizer)
     if spec.path.startswith("builtin:"):
-        from . import demo
+        from . import demo, lm_examples
 
-        return demo.builtin_tokenizer(spec.path.removeprefix("builtin:"))
+        name = spec.path.removeprefix("builtin:")
+        if name in lm_examples.BUILTINS:
+            return lm_examples.builtin_tokenizer(name)
+        return demo.builtin_tokenizer(name)
     return Path(spec.path)
 
 
@@ -78,7 +84,19 @@ def load_owned_model(spec: ModelSpec) -> OwnedModel:
     auto = AutoModelForSequenceClassification if spec.task == "sequence-classification" else AutoModel
     try:
         model, info = auto.from_pretrained(str(path), output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as err:
+    except RuntimeError as err:
+        # transformers refuses mismatched shapes with a pointer to an earlier log; name them here
+        try:
+            _, info = auto.from_pretrained(str(path), output_loading_info=True, ignore_mismatched_sizes=True)
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            raise ModelError(f"could not load the checkpoint at {path}: {err}") from None
+        shapes = [f"{k[0]}: checkpoint {tuple(k[1])} vs config {tuple(k[2])}" if isinstance(k, tuple) and len(k) == 3
+                  else str(k) for k in info.get("mismatched_keys", [])]
+        raise ModelError(
+            f"the checkpoint at {path} does not match its config.json: weights of the wrong shape "
+            f"{shapes[:4]}. Use the config.json saved with these weights."
+        ) from None
+    except (OSError, ValueError) as err:
         raise ModelError(f"could not load the checkpoint at {path}: {err}") from None
     missing = [k for k in info.get("missing_keys", []) if "pooler" not in k or spec.task != "embedding"]
     mismatched = info.get("mismatched_keys", [])
