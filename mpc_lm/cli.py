@@ -4,6 +4,10 @@
   mpc-lm party CONFIG --name N   run one party (one per host in a real consortium)
   mpc-lm check CONFIG        validate a consortium config and show ranks and roles
   mpc-lm env                 versions, for bug reports
+  mpc-lm certs DIR --parties a,b   consortium CA + party certificates (docs/transport.md)
+  mpc-lm generate CONFIG     generate text with a causal LM under MPC (docs/causal-lm.md)
+  mpc-lm score CONFIG        per-token log-likelihood / perplexity of private texts
+  mpc-lm bench               encrypted vs plaintext vs DP-SGD on one task (docs/bench.md)
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,8 +35,9 @@ def _cmd_launch(args) -> int:
 
     console = Console(stderr=False)
     config = args.config or DEMO_CONFIG
-    with console.status(f"running the parties of {config} (logs under the run directory)..."):
-        run = launch(config)
+    console.print(f"starting the parties of {config} (logs under the run directory)")
+    with live_progress(console) as tick:
+        run = launch(config, on_tick=tick)
     with console.status("comparing with the plaintext model on the same input..."):
         summary = report.build(run, check=not args.no_check)
     report.print_tables(run, summary, console)
@@ -40,6 +46,27 @@ def _cmd_launch(args) -> int:
         Path(args.json).write_text(json.dumps(summary, indent=2))
         console.print(f"JSON results: {args.json}")
     return 0
+
+
+@contextmanager
+def live_progress(console):
+    """A rich progress bar per party that reports progress (mpc_lm.progress)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .progress import read_all
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+    tasks: dict[str, int] = {}
+
+    def tick(run_dir: Path) -> None:
+        for party, state in read_all(run_dir / "progress").items():
+            if party not in tasks:
+                tasks[party] = bars.add_task(state["desc"], total=state["total"])
+            bars.update(tasks[party], completed=state["done"])
+
+    with bars:
+        yield tick
 
 
 def _cmd_party(args) -> int:
@@ -111,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check)
     p = sub.add_parser("env", help="print versions for bug reports")
     p.set_defaults(func=_cmd_env)
+    from .cli_certs import add_parser as _add_certs_parser  # certs (docs/transport.md)
+
+    _add_certs_parser(sub)
+    from .cli_lm import add_parsers as _add_lm_parsers  # generate, score (docs/causal-lm.md)
+
+    _add_lm_parsers(sub)
+    from .bench.cli import add_parser as _add_bench_parser  # mpc_lm/bench/
+
+    _add_bench_parser(sub)
     return parser
 
 

@@ -362,7 +362,10 @@ def parse_config(data: dict, source: str = "<dict>", base: Path | None = None) -
         cfg = ConsortiumConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
-    cfg = _resolve_paths(cfg, base or Path.cwd())
+    try:
+        cfg = _resolve_paths(cfg, base or Path.cwd())
+    except (ValueError, OSError) as err:  # e.g. a NUL byte in a path (found by tests/test_faults.py)
+        raise ConfigError(f"invalid consortium config {source}: a path cannot be used ({err})") from None
     check_security(cfg)
     if cfg.tls is not None:  # CA present; certificates here signed by it and named right
         from .pki import check_tls_files

@@ -34,7 +34,12 @@ def serve() -> int:
     server.ttp_group = comm.get().ttp_group
     server.comm_group = comm.get().ttp_comm_group
     server.device = "cpu"
-    server._setup_generators()
+    if comm.get().get_distributed_backend() == "tls":  # seeds over mutual TLS (docs/transport.md)
+        from .tls_transport import setup_dealer_generators
+
+        setup_dealer_generators(server, comm.get())
+    else:
+        server._setup_generators()
     ttp_rank = comm.get().get_ttp_rank()
     served = 0
     while True:

@@ -172,10 +172,15 @@ def party_session(cfg: ConsortiumConfig, name: str, audit: transport.Audit | Non
     _check_agreement(cfg, joined, name, digest)
     log.info("all %d parties joined; building the process group", total)
 
-    comm = transport.PartyCommunicator(
-        store=dist.PrefixStore("pg", store), rank=rank, world_size=cfg.world_size,
-        init_ttp=cfg.dealer is not None, timeout_s=cfg.timeouts.op_s, name=name, audit=audit,
-    )
+    if cfg.rendezvous.backend == "tls":  # mutual TLS between parties (docs/transport.md)
+        from . import tls_transport
+
+        comm = tls_transport.connect(cfg, name, dist.PrefixStore("tls", store), audit=audit)
+    else:
+        comm = transport.PartyCommunicator(
+            store=dist.PrefixStore("pg", store), rank=rank, world_size=cfg.world_size,
+            init_ttp=cfg.dealer is not None, timeout_s=cfg.timeouts.op_s, name=name, audit=audit,
+        )
     transport.install(comm)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -194,12 +199,24 @@ def _init_crypten_party() -> None:
     """The part of ``crypten.init`` after the communicator (which is ours)."""
     crypten._setup_prng()
     if crypten.mpc.ttp_required():
-        crypten.mpc.provider.ttp_provider.TTPClient._init()
+        comm = transport.current()
+        if comm.get_distributed_backend() == "tls":  # the dealer's seed over TLS, not gloo
+            from .tls_transport import init_ttp_client
+
+            init_ttp_client(comm)
+        else:
+            crypten.mpc.provider.ttp_provider.TTPClient._init()
 
 
 def _shutdown(store, clean: bool) -> None:
     """Tear down. Only a clean exit tells the dealer to stop; after a failure the
     process group is dropped, so peers (the dealer too) see the loss and fail."""
+    inst = transport.DistributedCommunicator.instance
+    if isinstance(inst, transport.PartyCommunicator) and inst.distributed_backend == "tls":
+        from .tls_transport import shutdown
+
+        shutdown(inst, clean)  # goodbye, or the error in flight, to every peer
+        return
     if not dist.is_initialized():
         return
     try:

@@ -169,8 +169,11 @@ class PartyCommunicator(DistributedCommunicator):
         return super().irecv(tensor, src)
 
     # ---- collectives -------------------------------------------------------
+    def _group_size(self, group) -> int:
+        return dist.get_world_size(group or self.main_group)
+
     def broadcast(self, input, src, group=None, batched=False):
-        n = dist.get_world_size(group or self.main_group)
+        n = self._group_size(group)
         size = _nbytes(input)
         channel = self._channel(group)
         if src == self.get_rank():
@@ -245,7 +248,7 @@ class PartyCommunicator(DistributedCommunicator):
 
     def broadcast_obj(self, obj, src, group=None):
         result = super().broadcast_obj(obj, src, group=group)
-        n = dist.get_world_size(group or self.main_group)
+        n = self._group_size(group)
         size = len(pickle.dumps(result)) + 4
         if src == self.get_rank():
             self.traffic.add(self._channel(group), sent=size * (n - 1))
