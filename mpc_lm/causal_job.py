@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from . import approx_causal, convert, inputs
+from .reveal import open_to
 from ._compat import import_crypten
 from .config import ModelSpec
 from .errors import InputError, ModelError
@@ -268,9 +269,9 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch: CausalArch, params) ->
         with crypten.no_grad():
             if job.kind == "score":
                 logp, lg = score_batch(params, one_hot, key_mask, pos_one_hot, arch, ap, job.reveal_logits)
-                out = {"logp": logp.get_plain_text(dst=src)}
+                out = {"logp": open_to(logp, dst=src)}
                 if lg is not None:
-                    out["logits"] = lg.get_plain_text(dst=src)
+                    out["logits"] = open_to(lg, dst=src)
             else:
                 phase = [Phase().begin(ctx)]
 
@@ -280,7 +281,7 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch: CausalArch, params) ->
 
                 chosen = generate_batch(params, one_hot, key_mask, pos_one_hot, arch, ap, gen, ctx.rank,
                                         ctx.config.world_size, ctx.device, b * gen.max_new_tokens, on_step)
-                out = {"ids": approx_causal.one_hot_to_ids(chosen).get_plain_text(dst=src)}
+                out = {"ids": open_to(approx_causal.one_hot_to_ids(chosen), dst=src)}
         if mine:
             results.append((batch, out))
     if ctx.comm.audit is not None:  # test instrument (docs/security.md): job state is live here

@@ -20,6 +20,7 @@ import torch
 
 from . import convert, inputs, resources
 from . import progress as _progress
+from .reveal import open_to
 from ._compat import import_crypten
 from .errors import InputError, ModelError, MpcLmError
 from .models import encoders
@@ -140,7 +141,7 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch, labels, params, progre
         one_hot, mask = inputs.share_batch(batch, (size, job.seq_len), arch.vocab_size, src, ctx.device)
         with crypten.no_grad():
             result = encoders.forward(params, one_hot, mask, arch, ap)
-        plain = result.get_plain_text(dst=src)
+        plain = open_to(result, dst=src)
         if mine:
             outputs.append(plain.cpu())
         if progress is not None:

@@ -30,6 +30,7 @@ from .config import Role, Training
 from .errors import InputError, ModelError
 from .infer import Phase, _agree, load_model
 from .models import encoders
+from .reveal import open_to
 from .runtime import PartyContext
 
 crypten = import_crypten()
@@ -178,16 +179,8 @@ def schedule(cfg: Training, batch: int, n: int) -> list[list[list[int]]]:
 
 
 def reveal_exact(value, dst: int | None = None):
-    """Plaintext of a share at ``dst`` (all ranks if None), decoded exactly.
-
-    CrypTen 0.4.1's FixedPointEncoder.decode floor-divides negative values by
-    scale - 1, which is off by 1.0 with probability |x| / 2^16 (e.g. one weight
-    in ~30,000 of size 2): the ring value is decoded here in float64 instead.
-    """
-    raw = value._tensor.reveal(dst=dst)
-    if raw is None or (dst is not None and dst != value._tensor.rank):
-        return None
-    return (raw.double() / value.encoder.scale).float()
+    """Plaintext of a share at ``dst`` (all ranks if None), decoded exactly (mpc_lm.reveal)."""
+    return open_to(value, dst)
 
 
 def _reveal(ctx, value, who: list[int]):

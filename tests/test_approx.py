@@ -92,3 +92,16 @@ def test_chebyshev_matches_numpy():
     ref = np.polynomial.chebyshev.chebval(v.numpy(), coeffs)
     got = approx.chebyshev(enc(v), coeffs).get_plain_text().numpy()
     assert np.abs(got - ref).max() < 1e-3
+
+
+def test_open_to_decodes_negative_values_exactly():
+    """CrypTen 0.4.1's decoder is off by 1.0 for some negative values; mpc_lm.reveal is not."""
+    from crypten.encoder import FixedPointEncoder
+
+    from mpc_lm.reveal import decode
+
+    raw = torch.arange(-3 * 65536, 3 * 65536, dtype=torch.long)
+    exact = raw.double() / 65536
+    assert (decode(raw, 65536).double() - exact).abs().max().item() < 1e-6
+    stock = FixedPointEncoder(precision_bits=16).decode(raw).double()
+    assert (stock - exact).abs().max().item() > 0.5  # the bug this module works around
