@@ -61,8 +61,9 @@ class TlsSettings(_Strict):
     @classmethod
     def _advertise(cls, value: dict[str, str]) -> dict[str, str]:
         for name, addr in value.items():
-            host, _, port = addr.rpartition(":") if addr.count(":") == 1 else (addr, "", "")
-            if not (host or addr).strip() or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+            host, port = addr.split(":") if addr.count(":") == 1 else (addr, None)
+            bad_port = port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
+            if not host.strip() or bad_port:
                 raise ValueError(f"tls.advertise.{name} must be 'host' or 'host:port'; got {addr!r}")
         return value
 

@@ -101,6 +101,15 @@ def _root_cause(procs: dict, failed: list[tuple[str, int]]) -> tuple[str, int]:
         line = _first_error_line(procs[name][1])
         if line and "reported:" not in line and "lost contact" not in line:
             return name, code
+    # With the TLS transport a failing party tells the others before it writes its own
+    # error line, so they may exit first: give the rest a moment to write theirs.
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        for name, (p, log_path, _) in procs.items():
+            line = _first_error_line(log_path)
+            if line and "reported:" not in line and "lost contact" not in line:
+                return name, p.poll()
+        time.sleep(0.2)
     return failed[0]
 
 

@@ -221,7 +221,11 @@ def check_tls_files(cfg, own: str | list[str] | None = None) -> None:
     if tls is None:
         return
     own = [own] if isinstance(own, str) else list(own or [])
-    cas = _load_certs(tls.ca, "tls.ca (the consortium CA certificate)")
+    try:
+        cas = _load_certs(tls.ca, "tls.ca (the consortium CA certificate)")
+    except ConfigError as err:
+        raise ConfigError(f"{err}; create a consortium CA and certificates with 'mpc-lm certs DIR "
+                          "--config CONFIG', or point tls.ca at your organisation's CA") from None
     for party in cfg.parties:
         files = tls.files_for(party.name)
         if files is None:

@@ -8,7 +8,9 @@
    refuses to go on if any hash or version differs. A party that does not
    come is named in the error.
 2. build the gloo process group on that store with ``timeouts.op_s`` as the
-   bound on every communication step, install it as CrypTen's communicator,
+   bound on every communication step (or, with ``rendezvous.backend: tls``, the
+   mutual-TLS mesh of :mod:`mpc_lm.tls_transport`, docs/transport.md), install it
+   as CrypTen's communicator,
    and initialise CrypTen with the configured provider (TTP unless the
    insecure development mode is named).
 3. yield a :class:`PartyContext` to the job; on exit, shut the process group

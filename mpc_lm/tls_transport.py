@@ -354,7 +354,7 @@ class Mesh:
             return self.failure
         log.error("%s", message)
         if forward:  # tell the others at once, then unblock everything
-            note = _frame(K_ABORT, payload=f"party {self.me!r} stopped: {message}".encode()[:4000])
+            note = _frame(K_ABORT, payload=message.encode()[:4000])
             for p in self.peers.values():
                 if p is not peer and not p.bye:
                     self._try_send_raw(p, note)
@@ -497,7 +497,7 @@ class Mesh:
         if self.closed:
             return
         if not clean and self.failure is None and reason:
-            note = _frame(K_ABORT, payload=f"party {self.me!r} stopped: {reason}".encode()[:4000])
+            note = _frame(K_ABORT, payload=reason.encode()[:4000])
             for p in self.peers.values():
                 if not p.bye:
                     self._try_send_raw(p, note, wait_s=2.0)

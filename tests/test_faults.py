@@ -244,3 +244,20 @@ def test_every_field_set_to_a_bad_value_gives_a_config_error(fuzz_base, value):
             parse_config(data, source="<fuzz>")
         except ConfigError as err:
             assert str(err).strip()
+
+
+def test_a_party_error_is_forwarded_to_the_others_on_tls(tmp_path, tiny_models, certs):
+    """The hospital stops on its own error; the others hear why (ABORT) and the launcher names it."""
+    from mpc_lm.errors import PartyFailure
+    from mpc_lm.launch import launch
+
+    cfg = tls_config(tmp_path, tiny_models["bert"], certs, texts=[TEXTS[0], "word " * 40],
+                     timeouts={"startup_s": 90, "op_s": 120, "run_s": 300, "shutdown_s": 2})
+    started = time.monotonic()
+    with pytest.raises(PartyFailure) as err:
+        launch(cfg)
+    msg = str(err.value)
+    assert "'hospital' failed first" in msg and "job.seq_len" in msg
+    assert time.monotonic() - started < 90  # not op_s: the others were told at once
+    logs = {n: next((tmp_path / "runs").glob(f"*/logs/{n}.log")).read_text() for n in ("vendor", "dealer")}
+    assert all("party 'hospital' reported" in log or "'hospital'" in log for log in logs.values()), logs
