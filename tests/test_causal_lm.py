@@ -106,6 +106,7 @@ def test_llama_kv_cache_equals_no_cache_and_plaintext(models, tmp_path):
     assert got[True] == got[False] == want
 
 
+@pytest.mark.slow  # sampling; greedy generation and the audit run in CI
 def test_top_k_sampling_matches_plaintext_twin(models, tmp_path):
     job = {"kind": "generate", "seq_len": 12, "batch_size": 1,
            "generate": {"max_new_tokens": 4, "strategy": "sample", "top_k": 5, "temperature": 0.8, "seed": 7}}

@@ -113,6 +113,7 @@ def test_port_in_use_is_reported_before_starting(tmp_path, tiny_models):
             launch(cfg)
 
 
+@pytest.mark.slow  # the same for every role and both transports: tests/test_faults.py
 def test_killed_party_stops_the_others_within_the_timeout(tmp_path, tiny_models):
     texts = TEXTS * 8  # long enough to be killed mid-run
     cfg = write_config(tmp_path, tiny_models["bert"], texts=texts, batch_size=2,

@@ -38,10 +38,6 @@ def audited(tmp_path_factory, tiny_models):
     return run, load_config(cfg_path), audit
 
 
-def _small_fraction(t: torch.Tensor) -> float:
-    return (t.abs() < SMALL).float().mean().item()
-
-
 def _is_bits(t: torch.Tensor) -> bool:
     return bool(((t == 0) | (t == 1)).all())
 
@@ -54,8 +50,13 @@ def test_everything_received_looks_random(audited, party):
     ring = [t for t in received if not _is_bits(t)]
     bits = [t for t in received if _is_bits(t)]
     assert sum(t.numel() for t in ring) > 10_000
-    worst = max(_small_fraction(t) for t in ring)
-    assert worst < 0.01, f"{party} received a tensor with {worst:.1%} small (plaintext-like) entries"
+    # A random ring element is small with probability 2^-15: allow 2 per tensor plus 1 per
+    # thousand entries (a plaintext tensor of 3 or more entries fails), and pool them all.
+    for t in ring:
+        small = int((t.abs() < SMALL).sum())
+        assert small <= 2 + t.numel() // 1000, f"{party} received {tuple(t.shape)} with {small} small entries"
+    pooled = sum(int((t.abs() < SMALL).sum()) for t in ring) / sum(t.numel() for t in ring)
+    assert pooled < 1e-4, f"{party}: {pooled:.2e} of received ring elements are small (random: 3e-5)"
     for t in bits:  # each a fair coin: within 6 standard deviations of 1/2
         assert abs(t.float().mean().item() - 0.5) < 6 * 0.5 / t.numel() ** 0.5
     pooled = torch.cat([t.flatten() for t in bits]).float()

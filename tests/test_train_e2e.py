@@ -35,7 +35,8 @@ def check_close(got: dict, want: dict, initial: dict, rel=REL_TOL, abs_tol=ABS_T
         else:
             assert (got[k] - initial[k]).abs().max() < ABS_TOL, f"{k} moved but should not"
     stats = compare(got, want, initial)
-    assert stats["max_abs_err"] <= (abs_tol if abs_tol else rel * stats["max_update"]), stats
+    # the same margin as per tensor: 2-party truncation is probabilistic (one ulp per product)
+    assert stats["max_abs_err"] <= (abs_tol if abs_tol else rel * stats["max_update"] + 5e-4), stats
     return stats
 
 
@@ -51,8 +52,7 @@ def run_and_compare(tmp_path, train, task="sequence-classification", env=None, *
     return result, check_close(got, want, hf_weights(model, task), **tol), ref
 
 
-@pytest.mark.slow
-def test_sgd_all_parameters_match_plaintext(tmp_path):
+def test_sgd_all_parameters_match_plaintext(tmp_path):  # in CI: the fine-tuning must-show
     train = {"trainable": "all", "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "max_steps": 2}
     result, stats, ref = run_and_compare(tmp_path, train)
     owner, vendor = result.results["owner0"], result.results["vendor"]
