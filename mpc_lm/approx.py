@@ -58,28 +58,35 @@ def mul_many(pairs):
 # ---------------------------------------------------------------- polynomials
 
 
-def chebyshev(v, coeffs):
-    """sum_k coeffs[k] * T_k(v) for v in [-1, 1].
+def chebyshev_basis(v, degree: int) -> dict:
+    """T_1..T_degree of v in [-1, 1], all products of one level batched.
 
-    T_k are built with T_{2k} = 2 T_k^2 - 1 and T_{2k+1} = 2 T_{k+1} T_k - v, all
-    products of one level batched: degree d costs ceil(log2 d) rounds. Values
-    of T_k stay in [-1, 1], so fixed-point error does not blow up the way
-    monomials with large alternating coefficients do.
+    T_{2k} = 2 T_k^2 - 1 and T_{2k+1} = 2 T_{k+1} T_k - v: degree d costs
+    ceil(log2 d) rounds. Values of T_k stay in [-1, 1], so fixed-point error does
+    not blow up the way monomials with large alternating coefficients do.
     """
-    degree = len(coeffs) - 1
-    T = {0: None, 1: v}
+    T = {1: v}
     known = 1
     while known < degree:
-        todo = [k for k in range(known + 1, min(2 * known, degree) + 1)]
-        pairs = [(T[(k + 1) // 2], T[k // 2]) for k in todo]
-        products = mul_many(pairs)
+        todo = list(range(known + 1, min(2 * known, degree) + 1))
+        products = mul_many([(T[(k + 1) // 2], T[k // 2]) for k in todo])
         for k, p in zip(todo, products):
             T[k] = p * 2 - 1 if k % 2 == 0 else p * 2 - v
         known = todo[-1]
-    result = v * float(coeffs[1]) + float(coeffs[0]) if degree >= 1 else v * 0 + float(coeffs[0])
-    for k in range(2, degree + 1):
+    return T
+
+
+def chebyshev_series(T: dict, v, coeffs):
+    """sum_k coeffs[k] T_k(v) from a basis of :func:`chebyshev_basis`. Local."""
+    result = v * float(coeffs[1]) + float(coeffs[0]) if len(coeffs) > 1 else v * 0 + float(coeffs[0])
+    for k in range(2, len(coeffs)):
         result = result + T[k] * float(coeffs[k])
     return result
+
+
+def chebyshev(v, coeffs):
+    """sum_k coeffs[k] * T_k(v) for v in [-1, 1]; ceil(log2 degree) rounds."""
+    return chebyshev_series(chebyshev_basis(v, len(coeffs) - 1), v, coeffs)
 
 
 def _gelu_exact(x: np.ndarray) -> np.ndarray:

@@ -53,14 +53,22 @@ def builtin_tokenizer(name: str) -> Path:
 def builtin_model(name: str) -> Path:
     """Path of the demo checkpoint directory, building it on first use."""
     _check_name(name)
-    target = cache_dir() / f"{DEMO}-{_VERSION}"
-    if (target / "head.safetensors").is_file():
+    return build_once(cache_dir() / f"{DEMO}-{_VERSION}", _build, ready="head.safetensors")
+
+
+def build_once(target: Path, build, ready: str) -> Path:
+    """``target``, built by ``build(tmp_dir)`` and renamed into place unless ``target/ready`` exists.
+
+    The rename is atomic, so parties building the same directory at once never see a
+    half-written one: the first rename wins and the others discard their copy.
+    """
+    if (target / ready).is_file():
         return target
-    log.info("building the demo model in %s (once)", target)
+    log.info("building %s (once)", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
     try:
-        _build(tmp)
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first

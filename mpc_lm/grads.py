@@ -80,23 +80,12 @@ def ln_bwd(cache, dy, need_params: bool):
 
 
 def _cheb_basis(v, degree: int) -> dict:
-    """T_1..T_degree of v with the batching of approx.chebyshev (ceil(log2 d) rounds)."""
-    T = {1: v}
-    known = 1
-    while known < degree:
-        todo = list(range(known + 1, min(2 * known, degree) + 1))
-        products = approx.mul_many([(T[(k + 1) // 2], T[k // 2]) for k in todo])
-        for k, p in zip(todo, products):
-            T[k] = p * 2 - 1 if k % 2 == 0 else p * 2 - v
-        known = todo[-1]
-    return T
+    """T_1..T_degree of v (approx.chebyshev_basis, kept for the derivative series)."""
+    return approx.chebyshev_basis(v, degree)
 
 
 def _series(T, v, coeffs):
-    out = v * float(coeffs[1]) + float(coeffs[0])
-    for k in range(2, len(coeffs)):
-        out = out + T[k] * float(coeffs[k])
-    return out
+    return approx.chebyshev_series(T, v, coeffs)
 
 
 def gelu_fwd(x):

@@ -21,12 +21,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .demo import build_once, cache_dir
 from .errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -37,10 +36,6 @@ BUILTINS = (TINY_GPT2, SMOLLM2)
 _VERSION = "v1"
 CORPUS = Path(__file__).resolve().parent.parent / "launch" / "tiny_corpus.txt"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MPC_LM_CACHE", Path.home() / ".cache" / "mpc_lm"))
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -109,22 +104,7 @@ def builtin_tokenizer(name: str) -> Path:
 
 
 def _cached(dirname: str, build) -> Path:
-    target = cache_dir() / dirname
-    if (target / "config.json").is_file():
-        return target
-    log.info("building %s (once)", target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
-    try:
-        build(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return build_once(cache_dir() / dirname, build, ready="config.json")
 
 
 def _build_tiny_gpt2(out: Path, steps: int = 1500, seed: int = 0) -> None:
