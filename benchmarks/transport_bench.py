@@ -32,6 +32,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+
+def _exchange(comm, rank: int, payload, buf, ack) -> None:
+    """Rank 0 sends ``payload`` and waits for ``ack``; rank 1 receives into ``buf`` and acks."""
+    if rank == 0:
+        comm.send(payload, 1)
+        comm.recv(ack, 1)
+    else:
+        comm.recv(buf, 0)
+        comm.send(ack, 0)
+
 def _comm(backend: str, rank: int, port: int, certs: str):
     import torch.distributed as dist
 
@@ -74,12 +84,7 @@ def _party(backend, rank, port, certs, sizes, reps, rounds, out):
         for _ in range(reps + 1):
             comm.barrier()
             t0 = time.perf_counter()
-            if rank == 0:
-                comm.send(t, 1)
-                comm.recv(ack, 1)
-            else:
-                comm.recv(buf, 0)
-                comm.send(ack, 0)
+            _exchange(comm, rank, t, buf, ack)
             times.append(time.perf_counter() - t0)
         times = times[1:]  # first one warms up
         res["throughput"][str(size)] = {"best_MBps": round(size / min(times) / 1e6, 1),
@@ -88,12 +93,7 @@ def _party(backend, rank, port, certs, sizes, reps, rounds, out):
     comm.barrier()
     t0 = time.perf_counter()
     for _ in range(rounds):
-        if rank == 0:
-            comm.send(one, 1)
-            comm.recv(ack, 1)
-        else:
-            comm.recv(ack, 0)
-            comm.send(one, 0)
+        _exchange(comm, rank, one, ack, ack)
     res["latency_us"]["ping_pong"] = round((time.perf_counter() - t0) / rounds * 1e6, 1)
     x = torch.ones(16, dtype=torch.long)
     comm.barrier()

@@ -665,16 +665,7 @@ class TlsCommunicator(PartyCommunicator, _TlsOps):
                  audit: Audit | None = None):
         # Not calling PartyCommunicator.__init__: it builds gloo process groups.
         self.mesh = mesh
-        self.world_size = world_size
-        self.rank = mesh.rank
-        self.distributed_backend = "tls"
-        self.rendezvous = "store"
-        self._name = name
-        self.reset_communication_stats()
-        from .transport import TrafficStats
-
-        self.traffic = TrafficStats()
-        self.audit = audit
+        self._init_state(rank=mesh.rank, world_size=world_size, name=name, audit=audit, backend="tls")
         total = world_size + 1 if init_ttp else world_size
         self.main_group = Group(MAIN, list(range(world_size)))
         self.ttp_group = Group(TTP, list(range(total)))

@@ -114,14 +114,7 @@ class PartyCommunicator(DistributedCommunicator):
                  timeout_s: float, name: str, audit: Audit | None = None):
         # Deliberately not calling DistributedCommunicator.__init__: it builds the
         # process group from environment variables with no timeout.
-        self.world_size = world_size
-        self.rank = rank
-        self.distributed_backend = "gloo"
-        self.rendezvous = "store"
-        self._name = name
-        self.reset_communication_stats()
-        self.traffic = TrafficStats()
-        self.audit = audit
+        self._init_state(rank=rank, world_size=world_size, name=name, audit=audit, backend="gloo")
         total = world_size + 1 if init_ttp else world_size
         timeout = timedelta(seconds=timeout_s)
         dist.init_process_group(backend="gloo", store=store, rank=rank, world_size=total, timeout=timeout)
@@ -130,6 +123,17 @@ class PartyCommunicator(DistributedCommunicator):
             self.ttp_comm_group = dist.new_group([0, total - 1], timeout=timeout)
         self.main_group = dist.new_group(list(range(world_size)), timeout=timeout)
         self.ttp_initialized = init_ttp
+
+    def _init_state(self, *, rank: int, world_size: int, name: str, audit, backend: str) -> None:
+        """Identity, counters and audit: what every transport's communicator holds."""
+        self.world_size = world_size
+        self.rank = rank
+        self.distributed_backend = backend
+        self.rendezvous = "store"
+        self._name = name
+        self.reset_communication_stats()
+        self.traffic = TrafficStats()
+        self.audit = audit
 
     # ---- accounting helpers -------------------------------------------
     def _channel(self, group) -> str:
