@@ -18,6 +18,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from ._compat import import_crypten
 
@@ -27,11 +28,22 @@ from crypten.encoder import FixedPointEncoder  # noqa: E402
 # ---------------------------------------------------------------- helpers
 
 
+def mul_public_int(x, t):
+    """x * t for a public integer (or integer tensor, broadcasting), exactly: shares times t. Local.
+
+    Unlike ``x * float``, which rounds the factor to the fixed-point grid, and ``x * int``,
+    which CrypTen encodes and truncates, this multiplies the shares and keeps x's encoder.
+    """
+    out = x.clone()
+    share = out._tensor.share
+    out._tensor.share = share * (torch.as_tensor(t).to(device=share.device, dtype=torch.long))
+    return out
+
+
 def as_fixed(bits):
     """Re-encode a 0/1 comparison result (precision 0) as fixed point. Local, free."""
-    out = bits.clone()
     encoder = FixedPointEncoder()
-    out._tensor.share = out._tensor.share * int(encoder.scale)
+    out = mul_public_int(bits, int(encoder.scale))
     out.encoder = encoder
     return out
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import approx
+from .approx import mul_public_int
 from ._compat import import_crypten
 
 crypten = import_crypten()
@@ -44,13 +45,6 @@ def reinterpret(x, precision_bits: int):
     """
     out = x.clone()
     out.encoder = FixedPointEncoder(precision_bits=precision_bits)
-    return out
-
-
-def mul_public_int(x, t: torch.Tensor):
-    """x * t for a public integer tensor ``t`` (broadcasting), exactly: shares times t. Local."""
-    out = x.clone()
-    out._tensor.share = out._tensor.share * t.to(device=out._tensor.share.device, dtype=torch.long)
     return out
 
 

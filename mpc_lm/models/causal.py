@@ -186,7 +186,7 @@ def attention(x, p: dict, prefix: str, arch: CausalArch, ap: Approximations, key
     k, v = _repeat_kv(k, h // kv), _repeat_kv(v, h // kv)
     scores = q.matmul(k.transpose(-1, -2))  # (B, h, t, total); 1/sqrt(d) folded into W_q
     causal = (torch.arange(total)[None, :] <= torch.arange(start, start + t)[:, None]).long()
-    mask = approx_causal.mul_public_int(key_mask[:, :total].unsqueeze(1).unsqueeze(1), causal)
+    mask = approx.mul_public_int(key_mask[:, :total].unsqueeze(1).unsqueeze(1), causal)
     probs = approx.masked_softmax(scores, mask, ap.exp_iterations, ap.reciprocal_iterations)
     context = layers.merge_heads(probs.matmul(v))
     return layers.linear(context, p[f"{prefix}.out.weight"], p.get(f"{prefix}.out.bias"))
