@@ -56,13 +56,16 @@ def fidelity(run: RunResult) -> dict:
     from .reference import compare, plaintext_outputs
 
     cfg = run.config
-    result = {}
-    for owner in cfg.data_owners:
-        rows = _read_outputs(output_path(run, owner.name))
-        key = "logits" if cfg.job.kind == "classify" else "embedding"
-        secure = torch.tensor([r[key] for r in rows])
-        plain = plaintext_outputs(cfg.model, [r["text"] for r in rows], cfg.job.seq_len, cfg.job.truncate)
-        result[owner.name] = compare(secure, plain, cfg.job.kind == "classify").as_dict()
+    key = "logits" if cfg.job.kind == "classify" else "embedding"
+    rows = {o.name: _read_outputs(output_path(run, o.name)) for o in cfg.data_owners}
+    texts = [r["text"] for owner_rows in rows.values() for r in owner_rows]
+    plain = plaintext_outputs(cfg.model, texts, cfg.job.seq_len, cfg.job.truncate)  # one model load
+    result, start = {}, 0
+    for name, owner_rows in rows.items():
+        secure = torch.tensor([r[key] for r in owner_rows])
+        mine = plain[start : start + len(owner_rows)]
+        start += len(owner_rows)
+        result[name] = compare(secure, mine, cfg.job.kind == "classify").as_dict()
     return result
 
 
