@@ -14,7 +14,13 @@ import torch
 
 
 def decode(raw: torch.Tensor, scale: int) -> torch.Tensor:
-    """Exact fixed-point decoding of a ring tensor (float32 result)."""
+    """Exact fixed-point decoding of a ring tensor (float32 result).
+
+    On a GPU CrypTen holds ring values as ``CUDALongTensor``, whose ``/`` is an
+    integer division (it would drop the fraction): unwrap to a plain tensor first.
+    """
+    if hasattr(raw, "tensor") and not torch.is_tensor(raw):
+        raw = raw.tensor()
     return (raw.double() / scale).float() if scale > 1 else raw
 
 

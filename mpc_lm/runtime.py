@@ -185,7 +185,7 @@ def party_session(cfg: ConsortiumConfig, name: str, audit: transport.Audit | Non
         )
     transport.install(comm)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index if device.index is not None else torch.cuda.current_device())
     ctx = PartyContext(config=cfg, party=party, rank=rank, comm=comm, device=device)
     clean = False
     try:

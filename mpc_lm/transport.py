@@ -82,7 +82,7 @@ class Audit:
         self._budget = max_bytes
 
     def tensor(self, t: torch.Tensor, op: str) -> None:
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.numel() * _element_size(t)
         if nbytes <= self._budget:
             self._budget -= nbytes
             self.tensors.append(t.detach().to("cpu").clone())
@@ -104,7 +104,12 @@ class Audit:
 def _nbytes(t) -> int:
     if isinstance(t, (list, tuple)):
         return sum(_nbytes(x) for x in t)
-    return t.numel() * t.element_size()
+    return t.numel() * _element_size(t)
+
+
+def _element_size(t) -> int:
+    """Bytes per element; CrypTen's CUDALongTensor (a ring tensor on the GPU) has no element_size."""
+    return t.element_size() if hasattr(t, "element_size") else 8
 
 
 class PartyCommunicator(DistributedCommunicator):

@@ -14,12 +14,61 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def test_all_parties_on_one_gpu_match_plaintext(tmp_path, tiny_models):
-    cfg = write_config(tmp_path, tiny_models["bert"])
+@pytest.mark.parametrize("security", [None, {"provider": "tfp", "insecure_development_mode": True}],
+                         ids=["ttp", "tfp"])
+def test_all_parties_on_one_gpu_match_plaintext(tmp_path, tiny_models, security):
+    cfg = write_config(tmp_path, tiny_models["bert"], security=security)
     data = yaml.safe_load(cfg.read_text())
     for party in data["parties"]:
         party["device"] = "cuda:0"
     cfg.write_text(yaml.safe_dump(data))
     summary = report.build(launch(cfg), check=True)
     fid = summary["fidelity"]["hospital"]
+    print(fid)
     assert fid["max_abs_logit_error"] < 0.05 and fid["top1_agreement"] == 1.0
+
+
+def _one_process_world():
+    from mpc_lm._compat import import_crypten
+
+    crypten = import_crypten()
+    if not crypten.is_initialized():
+        crypten.init()
+    return crypten
+
+
+@pytest.mark.parametrize("name", ["matmul", "matmul_wide", "square", "ge", "gelu", "inv_sqrt", "reciprocal",
+                                  "softmax", "layer_norm_stock", "onehot_embed"])
+def test_secure_op_on_cuda_matches_cpu(name):
+    """The same secure operation in a one-process world on CPU and on CUDA: same plaintext."""
+    from mpc_lm import approx
+    from mpc_lm.reveal import open_to
+
+    crypten = _one_process_world()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, 64, generator=g) * 3
+    w = torch.randn(64, 96, generator=g) * 0.2
+    wide = torch.randn(300, 40, generator=g) * 0.2
+    table = torch.randn(50, 8, generator=g)
+    ops = {
+        "matmul": lambda a: a.matmul(crypten.cryptensor(w.to(a.device))),
+        "matmul_wide": lambda a: a[..., :1].expand(4, 16, 300).matmul(crypten.cryptensor(wide.to(a.device))),
+        "square": lambda a: a.square(),
+        "ge": lambda a: a.ge(0.5),
+        "gelu": approx.gelu,
+        "inv_sqrt": lambda a: approx.inv_sqrt(a.square() + 0.01, -12, 14, 3),
+        "reciprocal": lambda a: approx.reciprocal(a.square() + 1, -1, 9, 4),
+        "softmax": lambda a: approx.masked_softmax(a, a[..., :1, :] * 0 + 1, 8, 4),
+        "layer_norm_stock": lambda a: (a.square().mean(-1, keepdim=True) + 1e-5).inv_sqrt(),
+        "onehot_embed": lambda a: crypten.cryptensor(
+            torch.nn.functional.one_hot(torch.arange(16, device=a.device) % 7, 50).long(), precision=0
+        ).matmul(crypten.cryptensor(table.to(a.device))),
+    }
+    out = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(1)
+        a = crypten.cryptensor(x.to(device), device=device)
+        out[device] = open_to(ops[name](a)).cpu()
+    err = (out["cuda"] - out["cpu"]).abs().max().item()
+    print(f"{name}: max |cuda - cpu| = {err:.3g}")
+    assert err < 1e-3
