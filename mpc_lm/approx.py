@@ -188,64 +188,92 @@ def exp_nonpositive(x, iterations: int):
     return result
 
 
-def row_max(x):
-    """Maximum over the last dimension by a comparison tree.
+def row_max(x, arity: int = 2):
+    """Maximum over the last dimension by a comparison tournament.
 
-    max(a, b) = b + (a - b)[a >= b]. Cost per level: C + 1 round; ceil(log2 n) levels.
+    ``arity`` 2: max(a, b) = b + (a - b)[a >= b]; C + 1 rounds per level,
+    ceil(log2 n) levels, n - 1 comparisons. ``arity`` 4: groups of four, all six
+    pairwise comparisons in one C, the winner selected by a product of its three
+    indicators and its value in 2 rounds: C + 2 rounds per level, ceil(log4 n)
+    levels (a last pair costs C + 1), about 2 n comparisons (docs/performance.md).
+    Ties go to the first maximal element, so exactly one indicator is 1.
     """
+    if arity not in (2, 4):
+        raise ValueError(f"row_max arity must be 2 or 4, not {arity}")
     while x.size(-1) > 1:
         n = x.size(-1)
-        half = n // 2
-        a, b = x[..., :half], x[..., half : 2 * half]
-        diff = a - b
-        m = b + diff * as_fixed(diff.ge(0))
-        x = crypten.cat([m, x[..., 2 * half :]], dim=-1) if n % 2 else m
+        if arity == 2 or n < 4:
+            half = n // 2
+            a, b = x[..., :half], x[..., half : 2 * half]
+            diff = a - b
+            m = b + diff * as_fixed(diff.ge(0))
+            x = crypten.cat([m, x[..., 2 * half :]], dim=-1) if n % 2 else m
+            continue
+        groups = n // 4
+        head, rest = x[..., : 4 * groups], x[..., 4 * groups :]
+        g = head.reshape(*head.size()[:-1], groups, 4)
+        cols = [g[..., i] for i in range(4)]
+        pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+        ge = as_fixed(crypten.stack([cols[i] - cols[j] for i, j in pairs]).ge(0)).unbind(0)
+        ind = {}
+        for (i, j), bit in zip(pairs, ge):
+            ind[(i, j)] = bit  # [x_i >= x_j] (i < j)
+            ind[(j, i)] = 1 - bit  # [x_j > x_i]
+        factors = [[ind[(i, j)] for j in range(4) if j != i] for i in range(4)]
+        # round 1: f1 f2 and f3 x_i for every i; round 2: their products, summed
+        firsts = mul_many([(f[0], f[1]) for f in factors] + [(f[2], cols[i]) for i, f in enumerate(factors)])
+        products = mul_many([(firsts[i], firsts[4 + i]) for i in range(4)])
+        m = products[0] + products[1] + products[2] + products[3]
+        x = crypten.cat([m, rest], dim=-1) if rest.size(-1) else m
     return x
 
 
 # ---------------------------------------------------------------- reciprocal, inverse sqrt
 
 
-def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float):
-    """A first guess for x^power from [x >= 2^k], k = lo_exp+1 .. hi_exp, in one comparison.
+def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int = 1):
+    """A first guess for x^power from [x >= 2^(k/steps)] over [2^lo_exp, 2^hi_exp], in one comparison.
 
-    Within [2^k, 2^(k+1)) the guess is (2^(k+0.5))^power, so the guess is within
-    a factor 2^(|power|/2) of the truth: NR then needs few iterations. Inputs
-    below 2^lo_exp get the guess of the lowest bucket, above 2^hi_exp the highest.
-    Cost: one C on (hi_exp - lo_exp) elements per input; the selection is local.
+    ``steps`` thresholds per octave: within a bucket [2^(k/s), 2^((k+1)/s)) the guess is
+    the bucket's geometric middle to the ``power``, so it is within a factor
+    2^(|power| / (2 s)) of the truth and Newton needs fewer iterations (docs/performance.md).
+    Inputs below 2^lo_exp get the guess of the lowest bucket, above 2^hi_exp the highest.
+    Cost: one C on ``steps * (hi_exp - lo_exp)`` elements per input; the selection is local.
     """
-    ks = list(range(lo_exp + 1, hi_exp + 1))
-    indicators = ge_many(x, [2.0**k for k in ks]).unbind(0)
-    guess = x * 0 + (2.0 ** (lo_exp + 0.5)) ** power
-    previous = (2.0 ** (lo_exp + 0.5)) ** power
+    ks = list(range(lo_exp * steps + 1, hi_exp * steps + 1))
+    indicators = ge_many(x, [2.0 ** (k / steps) for k in ks]).unbind(0)
+    previous = (2.0 ** ((lo_exp * steps + 0.5) / steps)) ** power
+    guess = x * 0 + previous
     for k, ind in zip(ks, indicators):
-        value = (2.0 ** (k + 0.5)) ** power
+        value = (2.0 ** ((k + 0.5) / steps)) ** power
         guess = guess + ind * (value - previous)
         previous = value
     return guess
 
 
-def reciprocal(x, lo_exp: int, hi_exp: int, iterations: int):
+def reciprocal(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1):
     """1/x for x in [2^lo_exp, 2^hi_exp] (x > 0).
 
     Newton-Raphson y <- y (2 - x y) from the bucket guess: relative error
-    e0 <= 0.42, e_{k+1} = e_k^2, so 4 iterations give < 1e-6 before fixed point.
+    e0 <= 2^(1/(2 steps)) - 1 (0.42 for 1 step per octave, 0.091 for 4),
+    e_{k+1} = e_k^2: 4 iterations (1 step) or 2 (4 steps) reach < 1e-4 before fixed point.
     Cost: one C + 2 rounds per iteration.
     """
-    y = _bucket_guess(x, lo_exp, hi_exp, -1.0)
+    y = _bucket_guess(x, lo_exp, hi_exp, -1.0, steps)
     for _ in range(iterations):
         y = y * (2 - x * y)
     return y
 
 
-def inv_sqrt(x, lo_exp: int, hi_exp: int, iterations: int):
+def inv_sqrt(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1):
     """1/sqrt(x) for x in [2^lo_exp, 2^hi_exp] (x > 0).
 
     Newton-Raphson y <- y (3 - x y^2) / 2 from the bucket guess: relative error
-    e0 <= 0.19, e_{k+1} ~ 1.5 e_k^2: 3 iterations give ~3e-5.
+    e0 <= 2^(1/(4 steps)) - 1 (0.19 for 1 step per octave, 0.044 for 4),
+    e_{k+1} ~ 1.5 e_k^2: 3 iterations (1 step) or 2 (4 steps) give ~3e-5.
     Cost: one C + 3 rounds per iteration.
     """
-    y = _bucket_guess(x, lo_exp, hi_exp, -0.5)
+    y = _bucket_guess(x, lo_exp, hi_exp, -0.5, steps)
     for _ in range(iterations):
         # (x y) y rather than x (y^2): for large x, y^2 has too few fixed-point bits
         y = y * (3 - (x * y) * y) * 0.5
@@ -258,7 +286,8 @@ def inv_sqrt(x, lo_exp: int, hi_exp: int, iterations: int):
 MASK_PENALTY = 64.0
 
 
-def masked_softmax(scores, key_mask, exp_iterations: int, reciprocal_iterations: int):
+def masked_softmax(scores, key_mask, exp_iterations: int, reciprocal_iterations: int, steps: int = 1,
+                   max_arity: int = 2):
     """Softmax over the last dim of ``scores``, ignoring keys where ``key_mask`` is 0.
 
     ``key_mask`` is a secret 0/1 tensor broadcastable to ``scores`` (padding is
@@ -271,9 +300,9 @@ def masked_softmax(scores, key_mask, exp_iterations: int, reciprocal_iterations:
     Cost: row_max + exp (n rounds) + 1 + reciprocal of the row sum + 1.
     """
     shifted = scores + (key_mask - 1) * MASK_PENALTY
-    shifted = shifted - row_max(shifted)
+    shifted = shifted - row_max(shifted, max_arity)
     e = exp_nonpositive(shifted, exp_iterations) * key_mask
     total = e.sum(dim=-1, keepdim=True)
     hi_exp = max(1, math.ceil(math.log2(scores.size(-1))) + 1)
-    return e * reciprocal(total, -1, hi_exp, reciprocal_iterations)
+    return e * reciprocal(total, -1, hi_exp, reciprocal_iterations, steps)
 

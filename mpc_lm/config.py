@@ -109,13 +109,30 @@ class Approximations(_Strict):
     precision_bits: int = Field(16, ge=8, le=24)
     gelu: Literal["poly", "erf", "sigmoid"] = "poly"
     exp_iterations: int = Field(8, ge=4, le=12)
-    reciprocal_iterations: int = Field(4, ge=2, le=20, description="Newton steps after the bucketed guess (4 reach 16-bit precision)")
-    inv_sqrt_iterations: int = Field(3, ge=1, le=10, description="Newton steps after the bucketed guess")
-    max_method: Literal["log_reduction", "pairwise"] = "log_reduction"
+    reciprocal_iterations: int = Field(2, ge=1, le=20, description="Newton steps after the bucketed guess "
+                                       "(2 with 4 guess steps per octave reach ~1e-4 relative error)")
+    inv_sqrt_iterations: int = Field(2, ge=1, le=10, description="Newton steps after the bucketed guess")
+    guess_steps_per_octave: int = Field(4, ge=1, le=16, description="thresholds per octave of the first guess of "
+                                        "1/x and 1/sqrt(x): more cost comparison bytes, save Newton rounds")
+    max_arity: Literal[2, 4] = Field(4, description="softmax row max: 2 = binary tournament (C+1 rounds "
+                                     "per level), 4 = groups of four (C+2 rounds per level, half the levels)")
     mode: Literal["mpc_lm", "crypten"] = Field(
         "mpc_lm", description="'crypten': CrypTen's stock functions under crypten.cfg defaults "
         "(softmax, inv_sqrt, erf/sigmoid GELU, tanh, relu, reciprocal); the fields above other "
         "than precision_bits and gelu are then unused. For the benchmark (docs/bench.md).")
+
+
+class Preprocessing(_Strict):
+    """When the dealer's correlated randomness is made (docs/performance.md).
+
+    ``offline`` (default): each computation is planned by a dry run (no communication),
+    party 0 fetches all its dealer shares in a few large chunks, then the online phase
+    runs without waiting on the dealer. ``on_demand``: CrypTen's request/response per
+    multiplication (the stock behaviour; the benchmark's crypten-naive mode uses it).
+    """
+
+    mode: Literal["offline", "on_demand"] = "offline"
+    chunk_mb: float = Field(256.0, gt=0, le=65536, description="largest dealer answer party 0 receives at once")
 
 
 class Generation(_Strict):
@@ -179,6 +196,7 @@ class ConsortiumConfig(_Strict):
     timeouts: Timeouts = Timeouts()
     security: Security = Security()
     approx: Approximations = Approximations()
+    preprocessing: Preprocessing = Preprocessing()
     run_dir: Path = Path("runs")
     tls: TlsSettings | None = Field(None, description="mutual TLS between parties (rendezvous.backend: tls); "
                                     "docs/transport.md")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 
+from . import offline
 from ._compat import import_crypten
 
 crypten = import_crypten()
@@ -48,6 +49,9 @@ def serve() -> int:
             log.info("dealer done after %d requests", served)
             return served
         function = message["function"]
+        if function == "plan":  # an offline-phase chunk (mpc_lm/offline.py): one flat answer
+            served += offline.serve_plan(server, message)
+            continue
         if function not in _FUNCTIONS:
             raise RuntimeError(f"dealer received an unknown request {function!r}")
         server.device = message["device"]

@@ -58,7 +58,8 @@ def ln_fwd(x, gamma, beta, eps: float, ap: Approximations):
     """LayerNorm keeping x_hat and 1/std. Cost: as layers.layer_norm + 1 round."""
     centered = x - x.mean(dim=-1, keepdim=True)
     var = centered.square().mean(dim=-1, keepdim=True)
-    inv = approx.inv_sqrt(var + eps, layers.VAR_LO_EXP, layers.VAR_HI_EXP, ap.inv_sqrt_iterations)
+    inv = approx.inv_sqrt(var + eps, layers.VAR_LO_EXP, layers.VAR_HI_EXP, ap.inv_sqrt_iterations,
+                          ap.guess_steps_per_octave)
     xhat = centered * inv
     return xhat * gamma + beta, (xhat, inv, gamma)
 
@@ -167,7 +168,8 @@ def attention_fwd(x, key_mask, p: dict, pre: str, heads: int, ap: Approximations
     h = x.size(-1)
     q, k, v = (layers.split_heads(qkv[..., i * h : (i + 1) * h], heads) for i in range(3))
     scores = q.matmul(k.transpose(-1, -2))
-    probs = approx.masked_softmax(scores, key_mask, ap.exp_iterations, ap.reciprocal_iterations)
+    probs = approx.masked_softmax(scores, key_mask, ap.exp_iterations, ap.reciprocal_iterations,
+                                   ap.guess_steps_per_octave, ap.max_arity)
     ctx = layers.merge_heads(probs.matmul(v))
     out = layers.linear(ctx, p[f"{pre}.out.weight"], p[f"{pre}.out.bias"])
     return out, dict(x=x, xa=xa, q=q, k=k, v=v, probs=probs, ctx=ctx)
@@ -264,7 +266,8 @@ def head_fwd(p: dict, hidden, mask, arch, ap: Approximations):
     if arch.task == "embedding":
         seq = mask.size(-1)
         count = mask.sum(dim=-1, keepdim=True)
-        weights = mask * approx.reciprocal(count, -1, max(1, seq.bit_length()), ap.reciprocal_iterations)
+        weights = mask * approx.reciprocal(count, -1, max(1, seq.bit_length()), ap.reciprocal_iterations,
+                                              ap.guess_steps_per_octave)
         pooled = (hidden * weights.unsqueeze(-1)).sum(dim=1)
         logits = layers.linear(pooled, p["head.out.weight"], p["head.out.bias"])
         return logits, dict(pooled=pooled, weights=weights, shape=hidden.size())
@@ -308,7 +311,8 @@ def cross_entropy(logits, labels, ap: Approximations, grad_scale: float):
     shifted = logits - approx.row_max(logits)
     e = approx.exp_nonpositive(shifted, ap.exp_iterations)
     hi_exp = max(1, math.ceil(math.log2(logits.size(-1))) + 1)
-    probs = e * approx.reciprocal(e.sum(dim=-1, keepdim=True), -1, hi_exp, ap.reciprocal_iterations)
+    probs = e * approx.reciprocal(e.sum(dim=-1, keepdim=True), -1, hi_exp, ap.reciprocal_iterations,
+                                  ap.guess_steps_per_octave)
     p_true, s_true = (t.sum(-1) for t in approx.mul_many([(probs, labels), (shifted, labels)]))
     correct = approx.as_fixed(s_true.ge(0))  # the true logit minus the max is >= 0
     return (probs - labels) * grad_scale, p_true, correct

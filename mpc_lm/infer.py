@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import convert, inputs, resources
+from . import convert, inputs, offline, resources
 from . import progress as _progress
 from .reveal import open_to
 from ._compat import import_crypten
@@ -117,8 +117,12 @@ def _prepare_data_owner(ctx: PartyContext):
     return texts, inputs.tokenize(tokenizer, texts, job.seq_len, job.truncate, source=str(party.input))
 
 
-def serve_data_owner(ctx: PartyContext, owner: str, arch, labels, params, progress=None) -> int:
-    """One data owner's texts through the model; returns how many texts were processed."""
+def serve_data_owner(ctx: PartyContext, owner: str, arch, labels, params, progress=None,
+                     stats: dict | None = None) -> int:
+    """One data owner's texts through the model; returns how many texts were processed.
+
+    ``stats`` (if given) receives the offline phase's share of the time (docs/performance.md).
+    """
     job, ap = ctx.config.job, ctx.config.approx
     src = ctx.rank_of(owner)
     mine = ctx.rank == src
@@ -132,6 +136,8 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch, labels, params, progre
     if mine and progress is None:
         progress = _progress.reporter(owner, n, f"{owner}: encrypted {ctx.config.job.kind}")
     outputs = []
+    offline_stats = stats if stats is not None else {}
+    offline_stats.update(offline_s=0.0, plan_s=0.0, requests=0)
     for start in range(0, n, job.batch_size):
         size = min(job.batch_size, n - start)
         batch = None
@@ -140,7 +146,12 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch, labels, params, progre
             batch = inputs.Batch(full.ids[start : start + size], full.mask[start : start + size])
         one_hot, mask = inputs.share_batch(batch, (size, job.seq_len), arch.vocab_size, src, ctx.device)
         with crypten.no_grad():
-            result = encoders.forward(params, one_hot, mask, arch, ap)
+            result, pre = offline.run(ctx.config, ("encoder", size, job.seq_len),
+                                      lambda: encoders.forward(params, one_hot, mask, arch, ap))
+        if pre is not None:
+            offline_stats["offline_s"] += pre["offline_s"]
+            offline_stats["plan_s"] += pre["plan_s"]
+            offline_stats["requests"] += pre["requests"]
         plain = open_to(result, dst=src)
         if mine:
             outputs.append(plain.cpu())
@@ -165,6 +176,7 @@ def run(ctx: PartyContext) -> dict:
                "share_weights": setup.end(ctx), "data_owners": {}}
     for owner in ctx.config.data_owners:
         phase = Phase().begin(ctx)
-        n = serve_data_owner(ctx, owner.name, arch, labels, params)
-        summary["data_owners"][owner.name] = {"texts": n, **phase.end(ctx)}
+        pre: dict = {}
+        n = serve_data_owner(ctx, owner.name, arch, labels, params, stats=pre)
+        summary["data_owners"][owner.name] = {"texts": n, **phase.end(ctx), "offline": pre}
     return summary

@@ -41,7 +41,7 @@ def layer_norm(x, gamma, beta, eps: float, ap: Approximations):
     if ap.mode == "crypten":  # stock CrypTen (benchmark baseline): its own NR initial guess
         inv = (var + eps).inv_sqrt()
     else:
-        inv = approx.inv_sqrt(var + eps, VAR_LO_EXP, VAR_HI_EXP, ap.inv_sqrt_iterations)
+        inv = approx.inv_sqrt(var + eps, VAR_LO_EXP, VAR_HI_EXP, ap.inv_sqrt_iterations, ap.guess_steps_per_octave)
     return centered * (inv * gamma) + beta
 
 
@@ -82,7 +82,8 @@ def self_attention(x, key_mask, p: dict, prefix: str, heads: int, ap: Approximat
     if ap.mode == "crypten":  # stock softmax; padding masked additively (see STOCK_MASK_PENALTY)
         probs = (scores + (key_mask - 1) * STOCK_MASK_PENALTY).softmax(-1)
     else:
-        probs = approx.masked_softmax(scores, key_mask, ap.exp_iterations, ap.reciprocal_iterations)
+        probs = approx.masked_softmax(scores, key_mask, ap.exp_iterations, ap.reciprocal_iterations,
+                                       ap.guess_steps_per_octave, ap.max_arity)
     context = merge_heads(probs.matmul(v))
     return linear(context, p[f"{prefix}.out.weight"], p[f"{prefix}.out.bias"])
 
@@ -108,7 +109,7 @@ def mean_pool(hidden, mask, ap: Approximations):
     hi_exp = max(1, seq.bit_length())
     if ap.mode == "crypten":
         return total * count.reciprocal()
-    return total * approx.reciprocal(count, -1, hi_exp, ap.reciprocal_iterations)
+    return total * approx.reciprocal(count, -1, hi_exp, ap.reciprocal_iterations, ap.guess_steps_per_octave)
 
 
 def tanh(x, ap: Approximations):

@@ -32,7 +32,7 @@ def cost_summary(run: RunResult) -> dict:
     """Inference cost per data owner: wall time, bytes sent per party, rounds."""
     out = {}
     for owner in run.config.data_owners:
-        per_party, rounds, wall = {}, 0, 0.0
+        per_party, rounds, wall, offline, online = {}, 0, 0.0, 0.0, 0.0
         for name, res in run.results.items():
             if res.get("role") == Role.DEALER.value:
                 continue
@@ -46,8 +46,12 @@ def cost_summary(run: RunResult) -> dict:
             }
             rounds = max(rounds, t["online"]["rounds"])
             wall = max(wall, phase["wall_s"])
+            pre = (phase.get("offline") or {}).get("offline_s", 0.0)  # docs/performance.md
+            offline = max(offline, pre)
+            online = max(online, phase["wall_s"] - pre)
         texts = run.results[owner.name]["data_owners"][owner.name]["texts"]
-        out[owner.name] = {"texts": texts, "wall_s": wall, "rounds": rounds, "per_party": per_party}
+        out[owner.name] = {"texts": texts, "wall_s": wall, "offline_s": round(offline, 4),
+                           "online_s": round(online, 4), "rounds": rounds, "per_party": per_party}
     return out
 
 
@@ -101,7 +105,8 @@ def print_tables(run: RunResult, summary: dict, console) -> None:
             console.print(table)
     for owner, cost in summary["inference"].items():
         table = Table(title=f"Cost of encrypted inference of {owner}'s {cost['texts']} texts "
-                            f"(wall {cost['wall_s']:.2f} s, {cost['rounds']} online rounds)")
+                            f"(wall {cost['wall_s']:.2f} s, of which offline phase {cost['offline_s']:.2f} s; online "
+                            f"{cost['online_s']:.2f} s; {cost['rounds']} online rounds)")
         for col in ("party", "online bytes sent", "online rounds", "bytes from dealer", "dealer round trips"):
             table.add_column(col, justify="right" if col != "party" else "left")
         for name, c in cost["per_party"].items():

@@ -105,3 +105,39 @@ def test_open_to_decodes_negative_values_exactly():
     assert (decode(raw, 65536).double() - exact).abs().max().item() < 1e-6
     stock = FixedPointEncoder(precision_bits=16).decode(raw).double()
     assert (stock - exact).abs().max().item() > 0.5  # the bug this module works around
+
+
+def test_row_max_groups_of_four_lengths_and_ties():
+    torch.manual_seed(3)
+    for n in (1, 2, 3, 4, 5, 8, 13, 16, 33, 128):
+        x = torch.randn(3, n) * 10
+        x[0, :] = 2.5  # all tied
+        if n > 3:
+            x[1, 1] = x[1, 3] = x[1].max() + 1  # a tie for the maximum
+        got = approx.row_max(enc(x), 4).get_plain_text()
+        assert torch.allclose(got, x.max(-1, keepdim=True).values, atol=1e-3), n
+
+
+def test_finer_first_guess_needs_fewer_newton_steps():
+    x = torch.linspace(0.5, 256, 1000)
+    got = approx.reciprocal(enc(x), -1, 9, 2, steps=4).get_plain_text()
+    assert ((got - 1 / x).abs() / (1 / x)).max().item() < 6e-3
+    v = torch.logspace(math.log10(2e-3), math.log10(4000), 500)
+    got = approx.inv_sqrt(enc(v), -12, 14, 2, steps=4).get_plain_text()
+    rel = ((got - v.rsqrt()) / v.rsqrt()).abs()
+    assert rel[v > 0.01].max().item() < 2e-3
+    assert rel.max().item() < 1e-2
+
+
+def test_softmax_with_default_settings_matches_torch():
+    from mpc_lm.config import Approximations
+
+    ap = Approximations()
+    torch.manual_seed(1)
+    s = torch.randn(2, 3, 16, 16) * 5
+    m = torch.ones(2, 1, 1, 16)
+    m[1, ..., 11:] = 0
+    got = approx.masked_softmax(enc(s), enc(m), ap.exp_iterations, ap.reciprocal_iterations,
+                                ap.guess_steps_per_octave, ap.max_arity).get_plain_text()
+    want = torch.softmax(s.masked_fill(m == 0, -1e9), -1)
+    assert (got - want).abs().max().item() < 5e-3

@@ -41,13 +41,23 @@ def print_table(doc: dict, console) -> None:
             f"{r['rounds'] + (r.get('offline_rounds') or 0)}\n{r['rounds']}+{r.get('offline_rounds') or 0}"
         acc = _num(r["accuracy"], "{:.3f}") + (f"\n({r['eval_examples']})" if r.get("eval_examples") else "")
         table.add_row(f"{r['mode']}\n[dim]{phase}[/dim]", acc, _num(r["agreement"], "{:.3f}"), eps,
-                      _num(r["wall_s"], "{:.2f}"), exs, _num(r["peak_host_mb"], "{:.0f}"), mb, rounds,
+                      _num(r["wall_s"], "{:.2f}") + (f"\noff {r['offline_s']:.2f}" if r.get("offline_s") else ""),
+                      exs, _num(r["peak_host_mb"], "{:.0f}"), mb, rounds,
                       _num(r["lan_s"], "{:.1f}"), _num(r["wan_s"], "{:.1f}"), SHORT[r["protects"]["level"]])
     console.print(table)
     for r in doc["modes"]:
         console.print(f"[bold]{r['mode']}[/bold] protects: {r['protects']['summary']}")
     console.print("[dim]wall s / ex/s: training for plaintext and dp (plus plaintext inference), encrypted "
                   "inference for MPC rows; LAN/WAN: wall + rounds*RTT + bytes*8/bandwidth (docs/bench.md)[/dim]")
+    cmp = doc.get("comparison")
+    if cmp:
+        r = cmp["crypten-naive/mpc"]
+        fid = ", ".join(f"{k} agreement {v['agreement']}, max |logit err| {v['max_abs_logit_error']}"
+                        for k, v in cmp["fidelity"].items())
+        console.print(f"[bold]crypten-naive / mpc[/bold]: online phase: time {r['online']['time']}x, bytes "
+                      f"{r['online']['bytes']}x, rounds {r['online']['rounds']}x; whole runs (offline phase and "
+                      f"dealer included): time {r['total']['time']}x, bytes {r['total']['bytes']}x, rounds "
+                      f"{r['total']['rounds']}x ({fid})")
     for s in doc["skipped"]:
         console.print(f"[yellow]skipped {s['mode']}:[/yellow] {s['reason']}")
     for n in doc["benchmark"].get("notes") or []:

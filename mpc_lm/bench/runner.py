@@ -149,9 +149,42 @@ def run(opts: dict, console, argv: list[str]) -> dict:
                                train_set)
             doc["modes"].append(_complete(netmodel.add_network_times(row)))
             console.print(f"{mode}: done in {row['launch_wall_s']:.0f} s")
+    ratios = compare_naive(doc["modes"])
+    if ratios is not None:
+        doc["comparison"] = ratios
     try:
         doc["machine"]["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     except OSError:
         pass
     schema.validate(doc)
     return doc
+
+
+def compare_naive(rows: list[dict]) -> dict | None:
+    """crypten-naive over mpc, per example: time, bytes and rounds (docs/performance.md).
+
+    ``online``: mpc's online phase against stock CrypTen's whole run (stock CrypTen has
+    no offline phase: its dealer exchanges happen inside the run). ``total``: both runs
+    whole, offline phase and dealer traffic included.
+    """
+    by = {r["mode"]: r for r in rows if r.get("phase") == "inference"}
+    if "mpc" not in by or "crypten-naive" not in by:
+        return None
+    m, n = by["mpc"], by["crypten-naive"]
+
+    def ratio(a, b):
+        return round(a / b, 2) if a and b else None
+
+    n_bytes = n["online_bytes"] + n["offline_bytes"]
+    n_rounds = n["rounds"] + (n.get("offline_rounds") or 0)
+    return {
+        "crypten-naive/mpc": {
+            "online": {"time": ratio(n["wall_s"], m.get("online_s") or m["wall_s"]),
+                       "bytes": ratio(n_bytes, m["online_bytes"]), "rounds": ratio(n_rounds, m["rounds"])},
+            "total": {"time": ratio(n["wall_s"], m["wall_s"]),
+                      "bytes": ratio(n_bytes, m["online_bytes"] + m["offline_bytes"]),
+                      "rounds": ratio(n_rounds, m["rounds"] + (m.get("offline_rounds") or 0))},
+        },
+        "fidelity": {k: {"agreement": r["agreement"], "max_abs_logit_error": r.get("max_abs_logit_error")}
+                     for k, r in by.items()},
+    }

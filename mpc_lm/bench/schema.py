@@ -17,6 +17,8 @@ MODE_ROW = {
         "phase": {"enum": ["train", "inference"], "description": "what wall_s and examples_per_s time"},
         "mpc_phase": {"enum": ["inference", "train"]},
         "wall_s": {"type": "number", "minimum": 0},
+        "online_s": _num,
+        "offline_s": _num,
         "examples_per_s": _num,
         "tokens_per_s": _num,
         "bytes_per_party": _int,
@@ -63,6 +65,8 @@ SCHEMA = {
         "machine": {"type": "object", "required": ["cpu", "cpu_count", "gpu"]},
         "modes": {"type": "array", "items": MODE_ROW},
         "skipped": {"type": "array", "items": {"type": "object", "required": ["mode", "reason"]}},
+        "comparison": {"type": "object", "required": ["crypten-naive/mpc", "fidelity"],
+                       "description": "crypten-naive over mpc (present when both ran): online and total ratios"},
     },
 }
 

@@ -120,14 +120,14 @@ def approx_causal_cat(a, b):
 def rms_norm(x, gamma, eps: float, ap: Approximations):
     """x / sqrt(mean(x^2) + eps) * gamma. Cost: 1 round + inv_sqrt + 2 rounds."""
     ms = x.square().mean(dim=-1, keepdim=True)
-    inv = approx.inv_sqrt(ms + eps, NORM_LO_EXP, NORM_HI_EXP, ap.inv_sqrt_iterations)
+    inv = approx.inv_sqrt(ms + eps, NORM_LO_EXP, NORM_HI_EXP, ap.inv_sqrt_iterations, ap.guess_steps_per_octave)
     return (x * inv) * gamma
 
 
 def layer_norm(x, gamma, beta, eps: float, ap: Approximations):
     centered = x - x.mean(dim=-1, keepdim=True)
     var = centered.square().mean(dim=-1, keepdim=True)
-    inv = approx.inv_sqrt(var + eps, NORM_LO_EXP, NORM_HI_EXP, ap.inv_sqrt_iterations)
+    inv = approx.inv_sqrt(var + eps, NORM_LO_EXP, NORM_HI_EXP, ap.inv_sqrt_iterations, ap.guess_steps_per_octave)
     return (centered * inv) * gamma + beta
 
 
@@ -187,7 +187,8 @@ def attention(x, p: dict, prefix: str, arch: CausalArch, ap: Approximations, key
     scores = q.matmul(k.transpose(-1, -2))  # (B, h, t, total); 1/sqrt(d) folded into W_q
     causal = (torch.arange(total)[None, :] <= torch.arange(start, start + t)[:, None]).long()
     mask = approx.mul_public_int(key_mask[:, :total].unsqueeze(1).unsqueeze(1), causal)
-    probs = approx.masked_softmax(scores, mask, ap.exp_iterations, ap.reciprocal_iterations)
+    probs = approx.masked_softmax(scores, mask, ap.exp_iterations, ap.reciprocal_iterations,
+                                   ap.guess_steps_per_octave, ap.max_arity)
     context = layers.merge_heads(probs.matmul(v))
     return layers.linear(context, p[f"{prefix}.out.weight"], p.get(f"{prefix}.out.bias"))
 

@@ -1,0 +1,345 @@
+"""The offline phase: the dealer's correlated randomness for a computation, before it runs.
+
+Design and measurements: docs/performance.md. In short, a computation under
+MPC is data-oblivious, so the sequence of triple/bit requests it makes depends
+only on public shapes. :func:`run` therefore
+
+1. records that sequence with a dry run (a communicator that sends nothing and
+   a provider that answers every request with zeros), cached per ``key``;
+2. has party 0 send the plan to the dealer in chunks and receive, per chunk,
+   all its correction shares as one flat tensor (the other parties draw their
+   shares from the seed they share with the dealer, as with CrypTen's TTP);
+3. runs the computation for real, its requests answered from that queue.
+
+The online phase then never waits on the dealer. The dealer sees only the
+plan: function names and tensor sizes, the same public facts that on-demand
+requests tell it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from contextlib import contextmanager
+
+import torch
+
+from ._compat import import_crypten
+
+crypten = import_crypten()
+import crypten.communicator as comm  # noqa: E402
+from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element  # noqa: E402
+from crypten.communicator import DistributedCommunicator  # noqa: E402
+from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor  # noqa: E402
+from crypten.mpc.provider.ttp_provider import TTPClient, TrustedThirdParty  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+class PlanMismatch(RuntimeError):
+    """The online run asked for other randomness than its plan listed (a bug, never data)."""
+
+
+# ---------------------------------------------------------------- shapes without arithmetic
+
+
+def _result_size(op: str, size0, size1, *args, **kwargs) -> torch.Size:
+    """Shape of ``torch.<op>(a, b)`` for tensors of these sizes, by shape inference only."""
+    a = torch.empty(size0, device="meta")
+    b = torch.empty(size1, device="meta")
+    return getattr(torch, op)(a, b, *args, **kwargs).size()
+
+
+def _broadcast_size(size0, size1) -> torch.Size:
+    return torch.broadcast_shapes(torch.Size(size0), torch.Size(size1))
+
+
+def _zeros(size, device) -> torch.Tensor:
+    return torch.zeros(tuple(size), dtype=torch.long, device=device)
+
+
+def _plain(t):
+    """A plain torch tensor (CrypTen wraps GPU ring tensors in CUDALongTensor)."""
+    return t if torch.is_tensor(t) else t.tensor()
+
+
+# ---------------------------------------------------------------- the provider
+
+
+class PlannedDealer(TrustedThirdParty):
+    """CrypTen's TTP provider with two more modes: ``record`` (dry run) and ``replay``.
+
+    In ``pass`` mode it is CrypTen's TTP provider (one request/response per call).
+    """
+
+    NAME = "TTP"
+
+    def __init__(self):
+        super().__init__()
+        self.mode = "pass"
+        self.requests: list[tuple] = []
+        self.result_sizes: list[torch.Size] = []
+        self.queue: deque = deque()
+
+    # -- helpers
+    def _record(self, function: str, device, result_size, *args, **kwargs) -> None:
+        self.requests.append((function, None if device is None else str(device), args, kwargs))
+        self.result_sizes.append(torch.Size(result_size))
+
+    def _take(self, function: str, size) -> torch.Tensor:
+        if not self.queue:
+            raise PlanMismatch(f"the online run asked the dealer for more than its offline plan ({function})")
+        got = self.queue.popleft()
+        if tuple(got.size()) != tuple(size):
+            raise PlanMismatch(f"offline plan mismatch at {function}: planned {tuple(got.size())}, "
+                               f"asked {tuple(size)}")
+        return got
+
+    # -- the five TTP functions
+    def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
+        if self.mode == "pass":
+            return super().generate_additive_triple(size0, size1, op, device, *args, **kwargs)
+        c_size = _result_size(op, size0, size1, *args, **kwargs)
+        if self.mode == "record":
+            self._record("additive", device, c_size, size0, size1, op, *args, **kwargs)
+            a, b, c = _zeros(size0, device), _zeros(size1, device), _zeros(c_size, device)
+        else:
+            gen = TTPClient.get().get_generator(device=device)
+            a = generate_random_ring_element(size0, generator=gen, device=device)
+            b = generate_random_ring_element(size1, generator=gen, device=device)
+            if comm.get().get_rank() == 0:
+                c = self._take("additive", c_size)
+            else:
+                c = generate_random_ring_element(c_size, generator=gen, device=device)
+        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
+
+    def square(self, size, device=None):
+        if self.mode == "pass":
+            return super().square(size, device)
+        if self.mode == "record":
+            self._record("square", device, size, size)
+            r, r2 = _zeros(size, device), _zeros(size, device)
+        else:
+            gen = TTPClient.get().get_generator(device=device)
+            r = generate_random_ring_element(size, generator=gen, device=device)
+            if comm.get().get_rank() == 0:
+                r2 = self._take("square", size)
+            else:
+                r2 = generate_random_ring_element(size, generator=gen, device=device)
+        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (r, r2))
+
+    def generate_binary_triple(self, size0, size1, device=None):
+        if self.mode == "pass":
+            return super().generate_binary_triple(size0, size1, device)
+        c_size = _broadcast_size(size0, size1)
+        if self.mode == "record":
+            self._record("binary", device, c_size, size0, size1)
+            a, b, c = _zeros(size0, device), _zeros(size1, device), _zeros(c_size, device)
+        else:
+            gen = TTPClient.get().get_generator(device=device)
+            a = generate_kbit_random_tensor(size0, generator=gen, device=device)
+            b = generate_kbit_random_tensor(size1, generator=gen, device=device)
+            if comm.get().get_rank() == 0:
+                c = self._take("binary", c_size)
+            else:
+                c = generate_kbit_random_tensor(c_size, generator=gen, device=device)
+        return tuple(BinarySharedTensor.from_shares(t) for t in (a, b, c))
+
+    def wrap_rng(self, size, device=None):
+        if self.mode == "pass":
+            return super().wrap_rng(size, device)
+        if self.mode == "record":
+            self._record("wraps", device, size, size)
+            r, theta = _zeros(size, device), _zeros(size, device)
+        else:
+            gen = TTPClient.get().get_generator(device=device)
+            r = generate_random_ring_element(size, generator=gen, device=device)
+            if comm.get().get_rank() == 0:
+                theta = self._take("wraps", size)
+            else:
+                theta = generate_random_ring_element(size, generator=gen, device=device)
+        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (r, theta))
+
+    def B2A_rng(self, size, device=None):
+        if self.mode == "pass":
+            return super().B2A_rng(size, device)
+        if self.mode == "record":
+            self._record("B2A", device, size, size)
+            r_bin, r_arith = _zeros(size, device), _zeros(size, device)
+        else:
+            gen = TTPClient.get().get_generator(device=device)
+            r_bin = generate_kbit_random_tensor(size, bitlength=1, generator=gen, device=device)
+            if comm.get().get_rank() == 0:
+                r_arith = self._take("B2A", size)
+            else:
+                r_arith = generate_random_ring_element(size, generator=gen, device=device)
+        return ArithmeticSharedTensor.from_shares(r_arith, precision=0), BinarySharedTensor.from_shares(r_bin)
+
+
+
+def install() -> PlannedDealer:
+    """Make the planned dealer CrypTen's TTP provider in this process (idempotent)."""
+    providers = vars(crypten.mpc)["__SUPPORTED_PROVIDERS"]
+    current = providers["TTP"]
+    if isinstance(current, PlannedDealer):
+        return current
+    planned = PlannedDealer()
+    providers["TTP"] = planned
+    return planned
+
+
+# ---------------------------------------------------------------- the dry communicator
+
+
+class _DryCommunicator:
+    """Answers every collective with the local value and sends nothing (planning only)."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def _nothing_to(self, what: str):
+        raise RuntimeError(f"{what} inside an offline plan: the planned computation must only open values")
+
+    def all_reduce(self, input, op=None, batched=False):
+        return [x.clone() for x in input] if batched else input.clone()
+
+    def reduce(self, input, dst, op=None, batched=False):
+        return [x.clone() for x in input] if batched else input.clone()
+
+    def broadcast(self, input, src, group=None, batched=False):
+        return input
+
+    def all_gather(self, tensor):
+        return [tensor.clone() for _ in range(self._real.get_world_size())]
+
+    def gather(self, tensor, dst):
+        return [tensor.clone() for _ in range(self._real.get_world_size())] if dst == self._real.get_rank() else None
+
+    def broadcast_obj(self, obj, src, group=None):
+        return obj
+
+    def barrier(self):
+        return None
+
+    def send(self, *a, **k):
+        self._nothing_to("send")
+
+    def recv(self, *a, **k):
+        self._nothing_to("recv")
+
+    def isend(self, *a, **k):
+        self._nothing_to("isend")
+
+    def irecv(self, *a, **k):
+        self._nothing_to("irecv")
+
+    def send_obj(self, *a, **k):
+        self._nothing_to("send_obj")
+
+    def recv_obj(self, *a, **k):
+        self._nothing_to("recv_obj")
+
+
+@contextmanager
+def _dry():
+    real = DistributedCommunicator.instance
+    DistributedCommunicator.instance = _DryCommunicator(real)
+    try:
+        yield
+    finally:
+        DistributedCommunicator.instance = real
+
+
+# ---------------------------------------------------------------- the phase
+
+
+_PLANS: dict = {}
+
+
+def _fetch(requests: list[tuple], sizes: list[torch.Size], chunk_bytes: int) -> tuple[deque, int]:
+    """Party 0: the dealer's answers to ``requests``, chunk by chunk; returns (queue, chunks)."""
+    c = comm.get()
+    client = TTPClient.get()
+    ttp = c.get_ttp_rank()
+    queue: deque = deque()
+    start, chunks = 0, 0
+    while start < len(requests):
+        device = requests[start][1]
+        end, nbytes = start, 0
+        while end < len(requests) and requests[end][1] == device and (end == start or nbytes < chunk_bytes):
+            nbytes += math.prod(sizes[end]) * 8
+            end += 1
+        c.send_obj({"function": "plan", "device": device, "requests": requests[start:end]}, ttp, client.ttp_group)
+        total = c.recv_obj(ttp, client.ttp_group)
+        flat = torch.empty(total, dtype=torch.long, device=device)
+        c.broadcast(flat, ttp, client.comm_group)
+        offset = 0
+        for size in sizes[start:end]:
+            n = math.prod(size)
+            queue.append(flat[offset : offset + n].view(size))
+            offset += n
+        if offset != total:
+            raise PlanMismatch(f"the dealer returned {total} ring elements for a chunk that needs {offset}")
+        start, chunks = end, chunks + 1
+    return queue, chunks
+
+
+def serve_plan(server, message: dict) -> int:
+    """Dealer: answer one plan chunk with one flat tensor; returns the number of requests."""
+    c = comm.get()
+    server.device = message["device"]
+    parts = []
+    for function, device, args, kwargs in message["requests"]:
+        server.device = device
+        parts.append(_plain(getattr(server, function)(*args, **kwargs)).reshape(-1))
+    flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+    c.send_obj(flat.numel(), 0, server.ttp_group)
+    c.broadcast(flat, c.get_ttp_rank(), server.comm_group)
+    return len(message["requests"])
+
+
+def enabled(cfg) -> bool:
+    return cfg.security.provider == "ttp" and cfg.preprocessing.mode == "offline"
+
+
+def run(cfg, key, fn):
+    """``fn()`` with its dealer randomness fetched beforehand; returns (result, offline stats).
+
+    With the offline phase disabled (or the TFP provider), just ``fn()``. ``key``
+    names the computation's public shape; its plan is recorded once per process.
+    """
+    if not enabled(cfg):
+        return fn(), None
+    provider = install()
+    started = time.perf_counter()
+    planned = key in _PLANS
+    if not planned:
+        provider.mode, provider.requests, provider.result_sizes = "record", [], []
+        try:
+            with _dry():
+                fn()
+        finally:
+            provider.mode = "pass"
+        _PLANS[key] = (provider.requests, provider.result_sizes)
+    requests, sizes = _PLANS[key]
+    plan_s = time.perf_counter() - started
+    chunks = 0
+    if comm.get().get_rank() == 0 and requests:
+        provider.queue, chunks = _fetch(requests, sizes, int(cfg.preprocessing.chunk_mb * 2**20))
+    offline_s = time.perf_counter() - started
+    provider.mode = "replay"
+    try:
+        result = fn()
+        if provider.queue:
+            raise PlanMismatch(f"the online run left {len(provider.queue)} planned dealer answers unused")
+    finally:
+        provider.mode, provider.queue = "pass", deque()
+    stats = {"offline_s": round(offline_s, 4), "plan_s": round(plan_s, 4), "plan_cached": planned,
+             "requests": len(requests), "chunks": chunks,
+             "elements": int(sum(math.prod(s) for s in sizes))}
+    return result, stats
