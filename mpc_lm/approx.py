@@ -48,13 +48,97 @@ def as_fixed(bits):
     return out
 
 
-def ge_many(x, thresholds):
+# ---------------------------------------------------------------- comparisons
+
+#: How comparisons are computed: "packed32" (two 32-bit lanes per ring word; 2 parties;
+#: inputs |x| < packed_limit(), 2^15 at 16 fractional bits) or "crypten" (CrypTen's 64-bit circuit). Set once per process from
+#: ``approx.comparison`` by the party runtime (docs/performance.md).
+COMPARISON = {"method": "crypten"}
+
+
+def packed_limit() -> float:
+    """|x| (real units) below which packed32 comparisons are exact: 2^31 ring units."""
+    return 2.0 ** (31 - crypten.cfg.encoder.precision_bits)
+
+
+def _lane_mask(k: int) -> int:
+    """Bits k..31 of both 32-bit lanes of an int64, as a signed value."""
+    lane = 0xFFFFFFFF ^ ((1 << k) - 1)
+    word = lane | (lane << 32)
+    return word - (1 << 64) if word >= 1 << 63 else word
+
+
+def _ltz_packed(x):
+    """[x < 0] for |x| < 2^31 ring units, 2 parties: a 32-bit adder on two lanes per word.
+
+    The low 32 bits of the two arithmetic shares are the two addends; their sum
+    mod 2^32 is x mod 2^32, whose bit 31 is the sign when |x| < 2^31. The carry
+    into bit 31 comes from a Kogge-Stone prefix over bits 0..30: one AND round for
+    the generate bits, then 5 rounds (shifts 1, 2, 4, 8, 16) with the propagate
+    and generate ANDs batched; then one opening for the bit's conversion to
+    arithmetic (B2A). Two lanes per int64 halve the bytes of every AND.
+    Rounds: 7. Bytes per element per party: about 2 x 8 x 10 / 2 + 8 = 88 (CrypTen's
+    64-bit circuit: about 270).
+    """
+    from crypten.mpc.primitives import BinarySharedTensor
+    from crypten.mpc.primitives.beaver import B2A_single_bit
+
+    rank = crypten.communicator.get().get_rank()
+    share = x._tensor.share
+    plain = share if torch.is_tensor(share) else share.tensor()
+    flat = plain.reshape(-1)
+    n = flat.numel()
+    if n % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    low = flat & 0xFFFFFFFF
+    word = low[0::2] | (low[1::2] << 32)
+    zero = torch.zeros_like(word)
+    mine = BinarySharedTensor.from_shares(word if rank == 0 else zero)
+    theirs = BinarySharedTensor.from_shares(word if rank == 1 else zero)
+    p0 = mine ^ theirs  # propagate bits: local
+    p = p0
+    g = mine & theirs  # generate bits: 1 round
+    shifts = [1, 2, 4, 8, 16]
+    for i, k in enumerate(shifts):
+        mask = torch.tensor(_lane_mask(k), dtype=torch.long, device=word.device)
+        g_shift = (g << k) & mask
+        if i == len(shifts) - 1:  # the last level needs only the generate bits
+            g = g ^ (p & g_shift)
+        else:
+            both = BinarySharedTensor.stack([p, p]) & BinarySharedTensor.stack([g_shift, (p << k) & mask])
+            g, p = g ^ both[0], both[1]
+    top = p0 ^ (g << 1)  # bit 31 of each lane: sum bit = propagate xor carry-in
+    bits = BinarySharedTensor.stack([(top >> 31) & 1, (top >> 63) & 1])  # lane 0, lane 1
+    bits = bits.permute(1, 0).reshape(-1)[:n].reshape(plain.size())
+    out = x.clone()
+    out._tensor = B2A_single_bit(bits)
+    out.encoder._scale = 1
+    return out
+
+
+def ge0(x):
+    """[x >= 0] as a 0/1 share with scale 1 (like CrypTen's ``ge``), by :data:`COMPARISON`."""
+    if COMPARISON["method"] == "packed32" and crypten.communicator.get().get_world_size() == 2:
+        return 1 - _ltz_packed(x)
+    return x.ge(0)
+
+
+def ge_bits(x, thresholds, packed_ok: bool = True):
+    """[x >= t] for each public t as 0/1 shares of scale 1, shape (K, *x.shape), in ONE comparison call.
+
+    ``packed_ok=False`` forces CrypTen's 64-bit circuit (inputs that may exceed packed_limit()).
+    """
+    t = torch.tensor([float(v) for v in thresholds], device=x.device).view(-1, *([1] * x.dim()))
+    stacked = x.unsqueeze(0).expand(len(thresholds), *x.size()) - t
+    return ge0(stacked) if packed_ok else stacked.ge(0)
+
+
+def ge_many(x, thresholds, packed_ok: bool = True):
     """[x >= t] for each public t, as fixed-point 0/1, in ONE comparison call.
 
     Cost: C on ``len(thresholds) * x.numel()`` elements, rounds of a single C.
     """
-    stacked = crypten.stack([x - float(t) for t in thresholds])
-    return as_fixed(stacked.ge(0))
+    return as_fixed(ge_bits(x, thresholds, packed_ok))
 
 
 def mul_many(pairs):
@@ -166,7 +250,7 @@ def tanh(x):
 
 def relu(x):
     """max(x, 0) exactly. Cost: C + 1 round."""
-    return x * as_fixed(x.ge(0))
+    return x * as_fixed(ge0(x))
 
 
 # ---------------------------------------------------------------- exp / max
@@ -206,7 +290,7 @@ def row_max(x, arity: int = 2):
             half = n // 2
             a, b = x[..., :half], x[..., half : 2 * half]
             diff = a - b
-            m = b + diff * as_fixed(diff.ge(0))
+            m = b + diff * as_fixed(ge0(diff))
             x = crypten.cat([m, x[..., 2 * half :]], dim=-1) if n % 2 else m
             continue
         groups = n // 4
@@ -214,7 +298,7 @@ def row_max(x, arity: int = 2):
         g = head.reshape(*head.size()[:-1], groups, 4)
         cols = [g[..., i] for i in range(4)]
         pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
-        ge = as_fixed(crypten.stack([cols[i] - cols[j] for i, j in pairs]).ge(0)).unbind(0)
+        ge = as_fixed(ge0(crypten.stack([cols[i] - cols[j] for i, j in pairs]))).unbind(0)
         ind = {}
         for (i, j), bit in zip(pairs, ge):
             ind[(i, j)] = bit  # [x_i >= x_j] (i < j)
@@ -241,14 +325,15 @@ def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int = 1):
     Cost: one C on ``steps * (hi_exp - lo_exp)`` elements per input; the selection is local.
     """
     ks = list(range(lo_exp * steps + 1, hi_exp * steps + 1))
-    indicators = ge_many(x, [2.0 ** (k / steps) for k in ks]).unbind(0)
-    previous = (2.0 ** ((lo_exp * steps + 0.5) / steps)) ** power
-    guess = x * 0 + previous
-    for k, ind in zip(ks, indicators):
-        value = (2.0 ** ((k + 0.5) / steps)) ** power
-        guess = guess + ind * (value - previous)
-        previous = value
-    return guess
+    bits = ge_bits(x, [2.0 ** (k / steps) for k in ks], packed_ok=2.0**hi_exp < packed_limit() / 2)
+    values = [(2.0 ** ((k + 0.5) / steps)) ** power for k in [lo_exp * steps] + ks]
+    encoder = FixedPointEncoder()
+    # sum_k bit_k * (value_k - value_{k-1}): exact integer products of the 0/1 shares, one op
+    deltas = torch.tensor([round((b - a) * encoder.scale) for a, b in zip(values, values[1:])],
+                          dtype=torch.long).view(-1, *([1] * x.dim()))
+    guess = mul_public_int(bits, deltas).sum(0)
+    guess.encoder = encoder
+    return guess + values[0]
 
 
 def reciprocal(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1):

@@ -198,6 +198,7 @@ class _DryCommunicator:
 
     def __init__(self, real):
         self._real = real
+        self.wrapped = real  # what crypten.communicator.get() checks for initialisation (TLS)
 
     def __getattr__(self, name):
         return getattr(self._real, name)

@@ -32,7 +32,7 @@ def cost_summary(run: RunResult) -> dict:
     """Inference cost per data owner: wall time, bytes sent per party, rounds."""
     out = {}
     for owner in run.config.data_owners:
-        per_party, rounds, wall, offline, online = {}, 0, 0.0, 0.0, 0.0
+        per_party, rounds, wall, offline, online, plan = {}, 0, 0.0, 0.0, 0.0, 0.0
         for name, res in run.results.items():
             if res.get("role") == Role.DEALER.value:
                 continue
@@ -47,10 +47,11 @@ def cost_summary(run: RunResult) -> dict:
             rounds = max(rounds, t["online"]["rounds"])
             wall = max(wall, phase["wall_s"])
             pre = (phase.get("offline") or {}).get("offline_s", 0.0)  # docs/performance.md
+            plan = max(plan, (phase.get("offline") or {}).get("plan_s", 0.0))
             offline = max(offline, pre)
             online = max(online, phase["wall_s"] - pre)
         texts = run.results[owner.name]["data_owners"][owner.name]["texts"]
-        out[owner.name] = {"texts": texts, "wall_s": wall, "offline_s": round(offline, 4),
+        out[owner.name] = {"texts": texts, "wall_s": wall, "offline_s": round(offline, 4), "plan_s": round(plan, 4),
                            "online_s": round(online, 4), "rounds": rounds, "per_party": per_party}
     return out
 

@@ -711,6 +711,7 @@ _original_is_initialized = DistributedCommunicator.__dict__["is_initialized"].__
 
 def _is_initialized(cls) -> bool:
     inst = cls.instance
+    inst = getattr(inst, "wrapped", inst)  # the offline phase's dry communicator wraps the real one
     if isinstance(inst, TlsCommunicator):
         return not inst.closed
     return _original_is_initialized(cls)

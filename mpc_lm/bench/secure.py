@@ -149,9 +149,10 @@ def run_mode(spec: dict, mode: str, texts: list[str], labels: list[int], model_d
         max_err = max(max_err, fid[owner]["max_abs_logit_error"])
         agree_sum += (fid[owner]["top1_agreement"] or 0.0) * fid[owner]["n"]
     parties: dict[str, dict] = {}
-    wall = rounds = online_s = offline_s = 0
+    wall = rounds = online_s = offline_s = plan_s = 0
     for owner, c in cost.items():
         wall += c["wall_s"]
+        plan_s += c["plan_s"]
         online_s += c["online_s"]
         offline_s += c["offline_s"]
         rounds += c["rounds"]
@@ -179,7 +180,7 @@ def run_mode(spec: dict, mode: str, texts: list[str], labels: list[int], model_d
         "mode": mode, "phase": "inference", "mpc_phase": phase,
         "model_evaluated": "the plaintext mode's fine-tuned model" if phase == "inference" else "trained under MPC",
         "wall_s": round(wall, 3), "online_s": round(online_s, 3), "offline_s": round(offline_s, 3),
-        "examples_per_s": round(n / wall, 4) if wall else None,
+        "plan_s": round(plan_s, 3), "examples_per_s": round(n / wall, 4) if wall else None,
         "tokens_per_s": round(n * spec["sizes"]["seq_len"] / wall, 2) if wall else None,
         "eval_examples": n, "accuracy": round(correct / n, 4) if n else None,
         "agreement": round(agree_sum / n, 4) if n else None, "max_abs_logit_error": round(max_err, 5),
