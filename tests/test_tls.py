@@ -280,7 +280,9 @@ def test_encrypted_inference_over_mutual_tls_leaks_nothing_on_the_wire(tmp_path,
     fid = summary["fidelity"]["hospital"]
     assert fid["n"] == len(TEXTS) and fid["max_abs_logit_error"] < 0.05 and fid["top1_agreement"] == 1.0
     traffic = run.results["vendor"]["traffic_total"]
-    assert traffic["online"]["bytes_sent"] > 1e6 and traffic["dealer"]["rounds"] > 100
+    # offline phase (default): the dealer's shares arrive in a few large chunks
+    assert traffic["online"]["bytes_sent"] > 1e6
+    assert traffic["dealer"]["rounds"] >= 3 and traffic["dealer"]["bytes_received"] > 1e5
 
     wire = b"".join(bytes(t.captured) for t in taps.values())
     plain = {n: (tmp_path / f"{n}.plain").read_bytes() for n in PARTIES}
