@@ -97,86 +97,63 @@ class PlannedDealer(TrustedThirdParty):
                                f"asked {tuple(size)}")
         return got
 
+    def _shares(self, function, device, seeded, dealt, args=(), kwargs=None):
+        """Plain shares: ``seeded`` [(size, draw)] every party draws from its dealer seed, then the
+        ``dealt`` (size, draw) share, which party 0 takes from the plan's queue instead."""
+        if self.mode == "record":
+            self._record(function, device, dealt[0], *args, **(kwargs or {}))
+            return [_zeros(size, device) for size, _ in seeded + [dealt]]
+        gen = TTPClient.get().get_generator(device=device)
+        out = [draw(size, gen, device) for size, draw in seeded]
+        size, draw = dealt
+        out.append(self._take(function, size) if comm.get().get_rank() == 0 else draw(size, gen, device))
+        return out
+
     # -- the five TTP functions
     def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
         if self.mode == "pass":
             return super().generate_additive_triple(size0, size1, op, device, *args, **kwargs)
         c_size = _result_size(op, size0, size1, *args, **kwargs)
-        if self.mode == "record":
-            self._record("additive", device, c_size, size0, size1, op, *args, **kwargs)
-            a, b, c = _zeros(size0, device), _zeros(size1, device), _zeros(c_size, device)
-        else:
-            gen = TTPClient.get().get_generator(device=device)
-            a = generate_random_ring_element(size0, generator=gen, device=device)
-            b = generate_random_ring_element(size1, generator=gen, device=device)
-            if comm.get().get_rank() == 0:
-                c = self._take("additive", c_size)
-            else:
-                c = generate_random_ring_element(c_size, generator=gen, device=device)
-        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
+        shares = self._shares("additive", device, [(size0, _ring), (size1, _ring)], (c_size, _ring),
+                              (size0, size1, op, *args), kwargs)
+        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in shares)
 
     def square(self, size, device=None):
         if self.mode == "pass":
             return super().square(size, device)
-        if self.mode == "record":
-            self._record("square", device, size, size)
-            r, r2 = _zeros(size, device), _zeros(size, device)
-        else:
-            gen = TTPClient.get().get_generator(device=device)
-            r = generate_random_ring_element(size, generator=gen, device=device)
-            if comm.get().get_rank() == 0:
-                r2 = self._take("square", size)
-            else:
-                r2 = generate_random_ring_element(size, generator=gen, device=device)
-        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (r, r2))
+        shares = self._shares("square", device, [(size, _ring)], (size, _ring), (size,))
+        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in shares)
 
     def generate_binary_triple(self, size0, size1, device=None):
         if self.mode == "pass":
             return super().generate_binary_triple(size0, size1, device)
         c_size = _broadcast_size(size0, size1)
-        if self.mode == "record":
-            self._record("binary", device, c_size, size0, size1)
-            a, b, c = _zeros(size0, device), _zeros(size1, device), _zeros(c_size, device)
-        else:
-            gen = TTPClient.get().get_generator(device=device)
-            a = generate_kbit_random_tensor(size0, generator=gen, device=device)
-            b = generate_kbit_random_tensor(size1, generator=gen, device=device)
-            if comm.get().get_rank() == 0:
-                c = self._take("binary", c_size)
-            else:
-                c = generate_kbit_random_tensor(c_size, generator=gen, device=device)
-        return tuple(BinarySharedTensor.from_shares(t) for t in (a, b, c))
+        shares = self._shares("binary", device, [(size0, _bits), (size1, _bits)], (c_size, _bits), (size0, size1))
+        return tuple(BinarySharedTensor.from_shares(t) for t in shares)
 
     def wrap_rng(self, size, device=None):
         if self.mode == "pass":
             return super().wrap_rng(size, device)
-        if self.mode == "record":
-            self._record("wraps", device, size, size)
-            r, theta = _zeros(size, device), _zeros(size, device)
-        else:
-            gen = TTPClient.get().get_generator(device=device)
-            r = generate_random_ring_element(size, generator=gen, device=device)
-            if comm.get().get_rank() == 0:
-                theta = self._take("wraps", size)
-            else:
-                theta = generate_random_ring_element(size, generator=gen, device=device)
-        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (r, theta))
+        shares = self._shares("wraps", device, [(size, _ring)], (size, _ring), (size,))
+        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in shares)
 
     def B2A_rng(self, size, device=None):
         if self.mode == "pass":
             return super().B2A_rng(size, device)
-        if self.mode == "record":
-            self._record("B2A", device, size, size)
-            r_bin, r_arith = _zeros(size, device), _zeros(size, device)
-        else:
-            gen = TTPClient.get().get_generator(device=device)
-            r_bin = generate_kbit_random_tensor(size, bitlength=1, generator=gen, device=device)
-            if comm.get().get_rank() == 0:
-                r_arith = self._take("B2A", size)
-            else:
-                r_arith = generate_random_ring_element(size, generator=gen, device=device)
+        r_bin, r_arith = self._shares("B2A", device, [(size, _bit)], (size, _ring), (size,))
         return ArithmeticSharedTensor.from_shares(r_arith, precision=0), BinarySharedTensor.from_shares(r_bin)
 
+
+def _ring(size, gen, device):
+    return generate_random_ring_element(size, generator=gen, device=device)
+
+
+def _bits(size, gen, device):
+    return generate_kbit_random_tensor(size, generator=gen, device=device)
+
+
+def _bit(size, gen, device):
+    return generate_kbit_random_tensor(size, bitlength=1, generator=gen, device=device)
 
 
 def install() -> PlannedDealer:
