@@ -147,7 +147,7 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch, labels, params, progre
         one_hot, mask = inputs.share_batch(batch, (size, job.seq_len), arch.vocab_size, src, ctx.device)
         with crypten.no_grad():
             result, pre = offline.run(ctx.config, ("encoder", size, job.seq_len),
-                                      lambda: encoders.forward(params, one_hot, mask, arch, ap))
+                                      encoders.forward, params, one_hot, mask, arch, ap)
         if pre is not None:
             offline_stats["offline_s"] += pre["offline_s"]
             offline_stats["plan_s"] += pre["plan_s"]

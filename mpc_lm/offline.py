@@ -82,9 +82,12 @@ class PlannedDealer(TrustedThirdParty):
         self.requests: list[tuple] = []
         self.result_sizes: list[torch.Size] = []
         self.queue: deque = deque()
+        self.plan_device = None
 
     # -- helpers
     def _record(self, function: str, device, result_size, *args, **kwargs) -> None:
+        if device is not None and torch.device(device).type == "meta":
+            device = self.plan_device  # planned on shape-only tensors: the real run's device
         self.requests.append((function, None if device is None else str(device), args, kwargs))
         self.result_sizes.append(torch.Size(result_size))
 
@@ -225,12 +228,19 @@ class _DryCommunicator:
 
 @contextmanager
 def _dry():
+    """Planning context: nothing is sent, and shape-only ("meta") shares draw their (empty)
+    randomness from throwaway generators, so the real generators are left untouched."""
     real = DistributedCommunicator.instance
     DistributedCommunicator.instance = _DryCommunicator(real)
+    meta = torch.device("meta")
+    for table in crypten.generators.values():
+        table[meta] = torch.Generator()
     try:
         yield
     finally:
         DistributedCommunicator.instance = real
+        for table in crypten.generators.values():
+            table.pop(meta, None)
 
 
 # ---------------------------------------------------------------- the phase
@@ -285,22 +295,56 @@ def enabled(cfg) -> bool:
     return cfg.security.provider == "ttp" and cfg.preprocessing.mode == "offline"
 
 
-def run(cfg, key, fn):
-    """``fn()`` with its dealer randomness fetched beforehand; returns (result, offline stats).
+def _device_of(obj):
+    """The device of the first secret share in ``obj`` (None if it holds none)."""
+    from crypten.mpc import MPCTensor
 
-    With the offline phase disabled (or the TFP provider), just ``fn()``. ``key``
-    names the computation's public shape; its plan is recorded once per process.
+    if isinstance(obj, MPCTensor):
+        return obj.device
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for v in items:
+        d = _device_of(v)
+        if d is not None:
+            return d
+    return None
+
+
+def _meta(obj):
+    """``obj`` with every secret share replaced by a data-less tensor of the same shape (device "meta")."""
+    from crypten.mpc import MPCTensor
+
+    if isinstance(obj, MPCTensor):
+        out = obj.shallow_copy()
+        out._tensor = obj._tensor.shallow_copy()
+        out._tensor._tensor = torch.empty(obj._tensor.share.size(), dtype=torch.long, device="meta")
+        return out
+    if isinstance(obj, dict):
+        return {k: _meta(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_meta(v) for v in obj)
+    return obj
+
+
+def run(cfg, key, fn, *args):
+    """``fn(*args)`` with its dealer randomness fetched beforehand; returns (result, offline stats).
+
+    With the offline phase disabled (or the TFP provider), just ``fn(*args)``. ``key``
+    names the computation's public shape; its plan is recorded once per process, by a
+    dry run on ``args`` whose shares are replaced by shape-only ("meta") tensors: the
+    plan needs the shapes of the requests, never their values, so planning does no
+    arithmetic.
     """
     if not enabled(cfg):
-        return fn(), None
+        return fn(*args), None
     provider = install()
     started = time.perf_counter()
     planned = key in _PLANS
     if not planned:
         provider.mode, provider.requests, provider.result_sizes = "record", [], []
+        provider.plan_device = _device_of(args)
         try:
             with _dry():
-                fn()
+                fn(*_meta(args))
         finally:
             provider.mode = "pass"
         _PLANS[key] = (provider.requests, provider.result_sizes)
@@ -312,7 +356,7 @@ def run(cfg, key, fn):
     offline_s = time.perf_counter() - started
     provider.mode = "replay"
     try:
-        result = fn()
+        result = fn(*args)
         if provider.queue:
             raise PlanMismatch(f"the online run left {len(provider.queue)} planned dealer answers unused")
     finally:

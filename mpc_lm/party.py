@@ -49,12 +49,16 @@ def run_party(config_path: str, name: str, result_path: str | None = None, log_l
         log.error("%s", err)
         print(f"mpc-lm party {name}: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:  # gloo: a peer vanished or stopped answering
-        failure = PartyFailure(
-            f"party {name!r} lost contact with another party (it crashed, was killed, or did not "
-            f"answer within timeouts.op_s): {str(err).splitlines()[0][:300]}"
-        )
-        log.error("%s", failure)
+    except RuntimeError as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0][:300]
+        if _is_transport_error(err):  # gloo / TLS: a peer vanished or stopped answering
+            failure = PartyFailure(
+                f"party {name!r} lost contact with another party (it crashed, was killed, or did not "
+                f"answer within timeouts.op_s): {first}"
+            )
+        else:
+            failure = PartyFailure(f"party {name!r} stopped on an internal error (traceback in its log): {first}")
+        log.error("%s", failure, exc_info=True)
         print(f"mpc-lm party {name}: error: {failure}", file=sys.stderr)
         return 3
     summary["wall_s"] = round(time.perf_counter() - started, 3)
@@ -64,6 +68,18 @@ def run_party(config_path: str, name: str, result_path: str | None = None, log_l
         Path(result_path).write_text(json.dumps(summary, indent=2))
     log.info("done in %.1fs", summary["wall_s"])
     return 0
+
+
+_TRANSPORT_WORDS = ("gloo", "connection", "timed out", "timeout", "peer", "socket", "broken pipe", "closed",
+                    "lost contact", "did not answer")
+
+
+def _is_transport_error(err: Exception) -> bool:
+    """A failure of the links between parties (as opposed to a bug in this party's own computation)."""
+    text = str(err).lower()
+    from .tls_transport import PeerLost
+
+    return isinstance(err, (ConnectionError, TimeoutError, PeerLost)) or any(w in text for w in _TRANSPORT_WORDS)
 
 
 def _peak_memory() -> dict:

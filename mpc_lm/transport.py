@@ -97,8 +97,8 @@ class Audit:
         self.held = [
             obj.detach().to("cpu").clone()
             for obj in gc.get_objects()
-            if torch.is_tensor(obj) and obj.numel() <= 4_000_000
-        ]
+            if torch.is_tensor(obj) and not obj.is_meta and obj.numel() <= 4_000_000
+        ]  # meta tensors (the offline plan's shape-only copies) hold no data
 
 
 def _nbytes(t) -> int:
