@@ -19,7 +19,7 @@ MODE_ROW = {
         "wall_s": {"type": "number", "minimum": 0},
         "online_s": _num,
         "offline_s": _num,
-        "plan_s": {"type": ["number", "null"], "description": "part of offline_s: the dry run (local arithmetic only)"},
+        "plan_s": {"type": ["number", "null"], "description": "part of offline_s: the dry run that plans the dealer requests (shape inference only, no arithmetic)"},
         "examples_per_s": _num,
         "tokens_per_s": _num,
         "bytes_per_party": _int,
