@@ -50,7 +50,7 @@ def as_fixed(bits):
 
 # ---------------------------------------------------------------- comparisons
 
-#: How comparisons are computed: "packed32" (two 32-bit lanes per ring word; 2 parties;
+#: How comparisons are computed: "lanes16" (packed32, and 16-bit truncated lanes where ge0(coarse=True)), "packed32" (two 32-bit lanes per ring word; 2 parties;
 #: inputs |x| < packed_limit(), 2^15 at 16 fractional bits) or "crypten" (CrypTen's 64-bit circuit). Set once per process from
 #: ``approx.comparison`` by the party runtime (docs/performance.md).
 COMPARISON = {"method": "crypten"}
@@ -61,10 +61,12 @@ def packed_limit() -> float:
     return 2.0 ** (31 - crypten.cfg.encoder.precision_bits)
 
 
-def _lane_mask(k: int) -> int:
-    """Bits k..31 of both 32-bit lanes of an int64, as a signed value."""
-    lane = 0xFFFFFFFF ^ ((1 << k) - 1)
-    word = lane | (lane << 32)
+def _lane_mask(k: int, lane_bits: int = 32) -> int:
+    """Bits k..lane_bits-1 of every lane of an int64, as a signed value."""
+    lane = ((1 << lane_bits) - 1) ^ ((1 << k) - 1)
+    word = 0
+    for j in range(64 // lane_bits):
+        word |= lane << (j * lane_bits)
     return word - (1 << 64) if word >= 1 << 63 else word
 
 
@@ -80,35 +82,52 @@ def _ltz_packed(x):
     Rounds: 7. Bytes per element per party: about 2 x 8 x 10 / 2 + 8 = 88 (CrypTen's
     64-bit circuit: about 270).
     """
+    return _ltz_lanes(x, 32, 0)
+
+
+def _ltz_lanes(x, lane_bits: int, drop: int):
+    """[x < 0] from bits [drop, drop + lane_bits) of each share, 64 / lane_bits lanes per word, 2 parties.
+
+    floor(x0 / 2^drop) + floor(x1 / 2^drop) = floor(x / 2^drop) - c, c in {0, 1}, and the
+    2^64 wrap of the share sum vanishes modulo 2^lane_bits (drop + lane_bits <= 64). So the
+    adder's top bit is the sign of floor(x / 2^drop) - c: exact for |x| < 2^(drop + lane_bits - 1)
+    ring units, except that x in [0, 2^drop) may read as negative. ``drop`` 0 is exact
+    (:func:`_ltz_packed`). Rounds: 2 + log2(lane_bits) (AND layers) + 1 (B2A).
+    """
     from crypten.mpc.primitives import BinarySharedTensor
     from crypten.mpc.primitives.beaver import B2A_single_bit
 
+    if 64 % lane_bits or drop + lane_bits > 64:
+        raise ValueError(f"lanes of {lane_bits} bits from bit {drop} do not fit a 64-bit ring element")
+    lanes = 64 // lane_bits
     rank = crypten.communicator.get().get_rank()
     share = x._tensor.share
     plain = share if torch.is_tensor(share) else share.tensor()
     flat = plain.reshape(-1)
     n = flat.numel()
-    if n % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    low = flat & 0xFFFFFFFF
-    word = low[0::2] | (low[1::2] << 32)
+    if n % lanes:
+        flat = torch.cat([flat, flat.new_zeros(lanes - n % lanes)])
+    low = (flat >> drop) & ((1 << lane_bits) - 1) if lane_bits < 64 else flat
+    word = low[0::lanes]
+    for j in range(1, lanes):
+        word = word | (low[j::lanes] << (j * lane_bits))
     zero = torch.zeros_like(word)
     mine = BinarySharedTensor.from_shares(word if rank == 0 else zero)
     theirs = BinarySharedTensor.from_shares(word if rank == 1 else zero)
     p0 = mine ^ theirs  # propagate bits: local
     p = p0
     g = mine & theirs  # generate bits: 1 round
-    shifts = [1, 2, 4, 8, 16]
+    shifts = [1 << i for i in range(lane_bits.bit_length() - 1)]  # 1, 2, ..., lane_bits / 2
     for i, k in enumerate(shifts):
-        mask = torch.tensor(_lane_mask(k), dtype=torch.long, device=word.device)
+        mask = torch.tensor(_lane_mask(k, lane_bits), dtype=torch.long, device=word.device)
         g_shift = (g << k) & mask
         if i == len(shifts) - 1:  # the last level needs only the generate bits
             g = g ^ (p & g_shift)
         else:
             both = BinarySharedTensor.stack([p, p]) & BinarySharedTensor.stack([g_shift, (p << k) & mask])
             g, p = g ^ both[0], both[1]
-    top = p0 ^ (g << 1)  # bit 31 of each lane: sum bit = propagate xor carry-in
-    bits = BinarySharedTensor.stack([(top >> 31) & 1, (top >> 63) & 1])  # lane 0, lane 1
+    top = p0 ^ (g << 1)  # the top bit of each lane: sum bit = propagate xor carry-in
+    bits = BinarySharedTensor.stack([(top >> (j * lane_bits + lane_bits - 1)) & 1 for j in range(lanes)])
     bits = bits.permute(1, 0).reshape(-1)[:n].reshape(plain.size())
     out = x.clone()
     out._tensor = B2A_single_bit(bits)
@@ -116,29 +135,43 @@ def _ltz_packed(x):
     return out
 
 
-def ge0(x):
-    """[x >= 0] as a 0/1 share with scale 1 (like CrypTen's ``ge``), by :data:`COMPARISON`."""
-    if COMPARISON["method"] == "packed32" and crypten.communicator.get().get_world_size() == 2:
+#: ``lanes16`` comparisons read bits COARSE_DROP .. COARSE_DROP+15 of the shares: |x| < 2^(COARSE_DROP-1)
+#: real units (512), and x in [0, 2^(COARSE_DROP-16)) (2^-6) may read as negative.
+COARSE_DROP = 10
+
+
+def ge0(x, coarse: bool = False):
+    """[x >= 0] as a 0/1 share with scale 1 (like CrypTen's ``ge``), by :data:`COMPARISON`.
+
+    ``coarse=True`` marks callers whose result may flip for x in [0, 2^-6) (a piecewise function
+    continuous at the threshold, a max of nearly equal values) with |x| < 512: under ``lanes16``
+    they use the truncated 16-bit lanes.
+    """
+    method = COMPARISON["method"]
+    if method in ("packed32", "lanes16") and crypten.communicator.get().get_world_size() == 2:
+        if coarse and method == "lanes16":
+            return 1 - _ltz_lanes(x, 16, COARSE_DROP)
         return 1 - _ltz_packed(x)
     return x.ge(0)
 
 
-def ge_bits(x, thresholds, packed_ok: bool = True):
+def ge_bits(x, thresholds, packed_ok: bool = True, coarse: bool = False):
     """[x >= t] for each public t as 0/1 shares of scale 1, shape (K, *x.shape), in ONE comparison call.
 
-    ``packed_ok=False`` forces CrypTen's 64-bit circuit (inputs that may exceed packed_limit()).
+    ``packed_ok=False`` forces CrypTen's 64-bit circuit (inputs that may exceed packed_limit());
+    ``coarse`` as in :func:`ge0`.
     """
     t = torch.tensor([float(v) for v in thresholds], device=x.device).view(-1, *([1] * x.dim()))
     stacked = x.unsqueeze(0).expand(len(thresholds), *x.size()) - t
-    return ge0(stacked) if packed_ok else stacked.ge(0)
+    return ge0(stacked, coarse) if packed_ok else stacked.ge(0)
 
 
-def ge_many(x, thresholds, packed_ok: bool = True):
+def ge_many(x, thresholds, packed_ok: bool = True, coarse: bool = False):
     """[x >= t] for each public t, as fixed-point 0/1, in ONE comparison call.
 
     Cost: C on ``len(thresholds) * x.numel()`` elements, rounds of a single C.
     """
-    return as_fixed(ge_bits(x, thresholds, packed_ok))
+    return as_fixed(ge_bits(x, thresholds, packed_ok, coarse))
 
 
 def mul_many(pairs):
@@ -225,7 +258,7 @@ def gelu(x):
     Cost: one C on 2 elements per input, 1 round for x^2, 3 for the
     series, 1 for the selection: C + 5 rounds. Max error 1.7e-4 + fixed point.
     """
-    lo, hi = ge_many(x, [-GELU_BOUND, GELU_BOUND]).unbind(0)  # [x >= -4], [x >= 4]
+    lo, hi = ge_many(x, [-GELU_BOUND, GELU_BOUND], coarse=True).unbind(0)  # [x >= -4], [x >= 4]
     v = x.square() * (2 / GELU_BOUND**2) - 1
     inside = x * 0.5 + chebyshev(v, fit_even_odd("gelu", GELU_BOUND, GELU_DEGREE))
     middle = lo - hi
@@ -238,7 +271,7 @@ def tanh(x):
 
     Fit error 4.3e-4; tail error 2.5e-4. Cost: C + 6 rounds.
     """
-    lo, hi = ge_many(x, [-TANH_BOUND, TANH_BOUND]).unbind(0)
+    lo, hi = ge_many(x, [-TANH_BOUND, TANH_BOUND], coarse=True).unbind(0)
     v = x.square() * (2 / TANH_BOUND**2) - 1
     inside = chebyshev(v, fit_even_odd("tanh", TANH_BOUND, TANH_DEGREE))
     inside = inside * (x * (1 / TANH_BOUND))
@@ -290,7 +323,7 @@ def row_max(x, arity: int = 2):
             half = n // 2
             a, b = x[..., :half], x[..., half : 2 * half]
             diff = a - b
-            m = b + diff * as_fixed(ge0(diff))
+            m = b + diff * as_fixed(ge0(diff, coarse=True))  # picks a or b: a flip costs < 2^-6
             x = crypten.cat([m, x[..., 2 * half :]], dim=-1) if n % 2 else m
             continue
         groups = n // 4
@@ -298,6 +331,7 @@ def row_max(x, arity: int = 2):
         g = head.reshape(*head.size()[:-1], groups, 4)
         cols = [g[..., i] for i in range(4)]
         pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+        # exact comparisons here: a coarse one could make a cycle among near-ties (no winner, max 0)
         ge = as_fixed(ge0(crypten.stack([cols[i] - cols[j] for i, j in pairs]))).unbind(0)
         ind = {}
         for (i, j), bit in zip(pairs, ge):

@@ -54,3 +54,40 @@ def test_packed_comparison_is_exact_in_range():
         assert bad == 0
         assert relu_err < 2**-15
         assert max_err < 1e-3
+
+
+def _cost(fn, enc):
+    c = crypten.communicator.get()
+    c.reset_communication_stats()
+    fn(enc)
+    stats = c.get_communication_stats()
+    return stats["rounds"], stats["bytes"] / enc.numel()
+
+
+@crypten.mpc.run_multiprocess(world_size=2)
+def _lanes16_world():
+    crypten.cfg.communicator.verbose = True
+    g = torch.Generator().manual_seed(7)
+    x = torch.cat([torch.randn(4000, generator=g) * 30, torch.tensor([0.0, 2**-16, -(2**-16), 2**-9, -(2**-9),
+                                                                      127.0, -127.0, 4.0, -4.0])])
+    enc = crypten.cryptensor(x)
+    got = (1 - approx._ltz_lanes(enc, 16, 8)).get_plain_text()  # [x >= 0]
+    want = (x >= 0).float()
+    wrong = x[got != want]
+    packed = _cost(approx._ltz_packed, enc)
+    lanes16 = _cost(lambda e: approx._ltz_lanes(e, 16, 8), enc)
+    return [float(v) for v in wrong], packed, lanes16
+
+
+def test_truncated_16_bit_lanes_err_only_just_above_zero():
+    code = "import json, test_packed_compare as t; print(json.dumps(t._lanes16_world()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])})
+    assert out.returncode == 0, out.stderr[-3000:]
+    for wrong, packed, lanes16 in json.loads(out.stdout.strip().splitlines()[-1]):
+        # bits [8, 24) of the shares: exact for |x| < 2^7 except x in [0, 2^-8) (reads negative)
+        assert all(0 <= v < 2**-8 for v in wrong), wrong
+        assert lanes16[0] == packed[0] - 1  # one AND level fewer
+        assert lanes16[1] < 0.6 * packed[1]  # bytes per element
+        print("packed32 rounds/bytes per element", packed, "lanes16", lanes16)
