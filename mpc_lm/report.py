@@ -32,7 +32,7 @@ def cost_summary(run: RunResult) -> dict:
     """Inference cost per data owner: wall time, bytes sent per party, rounds."""
     out = {}
     for owner in run.config.data_owners:
-        per_party, rounds, wall, offline, online, plan = {}, 0, 0.0, 0.0, 0.0, 0.0
+        per_party, rounds, wall, offline, plan = {}, 0, 0.0, 0.0, 0.0
         for name, res in run.results.items():
             if res.get("role") == Role.DEALER.value:
                 continue

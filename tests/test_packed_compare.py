@@ -43,14 +43,19 @@ def _packed_world():
     return bad, relu_err, max_err
 
 
-def test_packed_comparison_is_exact_in_range():
-    # a fresh interpreter: CrypTen's launcher forks, which must not inherit another module's world
-    code = "import json, test_packed_compare as t; print(json.dumps(t._packed_world()))"
+def _in_fresh_world(world: str) -> list:
+    """Each party's result of ``world`` (a function of this module), run in a fresh interpreter:
+    CrypTen's launcher forks, which must not inherit another module's world."""
+    code = f"import json, test_packed_compare as t; print(json.dumps(t.{world}()))"
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                              [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])})
     assert out.returncode == 0, out.stderr[-3000:]
-    for bad, relu_err, max_err in json.loads(out.stdout.strip().splitlines()[-1]):
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_packed_comparison_is_exact_in_range():
+    for bad, relu_err, max_err in _in_fresh_world("_packed_world"):
         assert bad == 0
         assert relu_err < 2**-15
         assert max_err < 1e-3
@@ -80,14 +85,8 @@ def _lanes16_world():
 
 
 def test_truncated_16_bit_lanes_err_only_just_above_zero():
-    code = "import json, test_packed_compare as t; print(json.dumps(t._lanes16_world()))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                             [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])})
-    assert out.returncode == 0, out.stderr[-3000:]
-    for wrong, packed, lanes16 in json.loads(out.stdout.strip().splitlines()[-1]):
+    for wrong, packed, lanes16 in _in_fresh_world("_lanes16_world"):
         # bits [8, 24) of the shares: exact for |x| < 2^7 except x in [0, 2^-8) (reads negative)
         assert all(0 <= v < 2**-8 for v in wrong), wrong
         assert lanes16[0] == packed[0] - 1  # one AND level fewer
         assert lanes16[1] < 0.6 * packed[1]  # bytes per element
-        print("packed32 rounds/bytes per element", packed, "lanes16", lanes16)
