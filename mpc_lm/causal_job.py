@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import approx_causal, convert, inputs
+from . import approx_causal, convert, inputs, premask
 from .reveal import open_to
 from ._compat import import_crypten
 from .config import ModelSpec
@@ -102,6 +102,8 @@ def load_model(ctx: PartyContext):
     arch = CausalArch.from_dict(_agree(ctx, mo, describe))
     shapes = causal.param_shapes(arch)
     params = convert.share_parameters(shapes, owned[0].state if owned else None, mo, ctx.device)
+    # Products with a weight open the weight's mask once, here, not for every token.
+    params, _ = premask.prepare(ctx.config, params, premask.matmul_names(shapes, ("emb.word", "emb.pos")))
     return arch, params
 
 

@@ -135,10 +135,15 @@ class Preprocessing(_Strict):
     party 0 fetches all its dealer shares in a few large chunks, then the online phase
     runs without waiting on the dealer. ``on_demand``: CrypTen's request/response per
     multiplication (the stock behaviour; the benchmark's crypten-naive mode uses it).
+    ``weight_masks``: products with a model weight open only the input's mask per product;
+    the weight's mask is opened once when the model is loaded.
     """
 
     mode: Literal["offline", "on_demand"] = "offline"
     chunk_mb: float = Field(256.0, gt=0, le=65536, description="largest dealer answer party 0 receives at once")
+    weight_masks: bool = Field(
+        True, description="open each weight's Beaver mask once per model instead of once per product "
+                          "(inference and generation with the dealer; mpc_lm/premask.py)")
 
 
 class Generation(_Strict):

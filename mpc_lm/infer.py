@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import convert, inputs, offline, resources
+from . import convert, inputs, offline, premask, resources
 from . import progress as _progress
 from .reveal import open_to
 from ._compat import import_crypten
@@ -171,9 +171,11 @@ def run(ctx: PartyContext) -> dict:
     """The inference job of one computing party; returns its own measurements."""
     setup = Phase().begin(ctx)
     arch, labels, params = load_model(ctx)
+    # Products with a weight open the weight's mask once, here, not in every forward.
+    params, masks = premask.prepare(ctx.config, params, premask.matmul_names(encoders.param_shapes(arch)))
     summary = {"model": {"family": arch.family, "task": arch.task, "layers": arch.layers,
                          "hidden": arch.hidden, "vocab": arch.vocab_size},
-               "share_weights": setup.end(ctx), "data_owners": {}}
+               "share_weights": setup.end(ctx), "weight_masks": masks, "data_owners": {}}
     for owner in ctx.config.data_owners:
         phase = Phase().begin(ctx)
         pre: dict = {}

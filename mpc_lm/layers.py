@@ -11,6 +11,7 @@ parameters of :class:`mpc_lm.config.Approximations` passed in explicitly.
 from __future__ import annotations
 
 from . import approx
+from .premask import mm
 from .config import Approximations
 
 # LayerNorm variance range covered by the inverse square root's first guess:
@@ -26,8 +27,11 @@ STOCK_MASK_PENALTY = 128.0
 
 
 def linear(x, weight, bias=None):
-    """x @ W + b with W stored (in, out). Cost: 1 round."""
-    y = x.matmul(weight)
+    """x @ W + b with W stored (in, out). Cost: 1 round.
+
+    ``weight`` may be a :class:`mpc_lm.premask.MaskedWeight` (its mask opened once per
+    model): then the round opens only ``x``'s mask."""
+    y = mm(x, weight)
     return y if bias is None else y + bias
 
 
@@ -94,7 +98,7 @@ def embed_tokens(one_hot, table):
     The one-hot rows are shared with precision 0 (exact 0/1 integers), so the
     product needs no fixed-point truncation.
     """
-    return one_hot.matmul(table)
+    return mm(one_hot, table)
 
 
 def mean_pool(hidden, mask, ap: Approximations):

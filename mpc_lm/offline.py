@@ -83,6 +83,7 @@ class PlannedDealer(TrustedThirdParty):
         self.result_sizes: list[torch.Size] = []
         self.queue: deque = deque()
         self.plan_device = None
+        self.next_weight_id = 0
 
     # -- helpers
     def _record(self, function: str, device, result_size, *args, **kwargs) -> None:
@@ -138,6 +139,36 @@ class PlannedDealer(TrustedThirdParty):
         if self.mode == "pass":
             return super().wrap_rng(size, device)
         shares = self._shares("wraps", device, [(size, _ring)], (size, _ring), (size,))
+        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in shares)
+
+    # -- weights masked once (mpc_lm/premask.py)
+    def weight_masks(self, sizes, device=None) -> list:
+        """This party's shares of one fresh mask per weight size; party 0 has the dealer draw them too.
+
+        Always a direct request (called at setup, outside any plan)."""
+        if self.mode != "pass":
+            raise PlanMismatch("weight masks are drawn at setup, not inside a planned computation")
+        gen = TTPClient.get().get_generator(device=device)
+        shares = [_ring(size, gen, device) for size in sizes]
+        if comm.get().get_rank() == 0:
+            TTPClient.get().ttp_request("weight_masks", device, [tuple(s) for s in sizes])
+        self.next_weight_id += len(sizes)
+        return shares
+
+    def masked_triple(self, size_x, weight, device=None):
+        """(a, c) with c = a @ B for the mask B of a :class:`mpc_lm.premask.MaskedWeight`."""
+        c_size = _result_size("matmul", size_x, tuple(weight.size()))
+        args = (tuple(size_x), weight.wid, weight.transposed)
+        if self.mode == "pass":
+            gen = TTPClient.get().get_generator(device=device)
+            a = _ring(size_x, gen, device)
+            if comm.get().get_rank() == 0:
+                c = TTPClient.get().ttp_request("masked", device, *args)
+            else:
+                c = _ring(c_size, gen, device)
+            shares = [a, c]
+        else:
+            shares = self._shares("masked", device, [(size_x, _ring)], (c_size, _ring), args)
         return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in shares)
 
     def B2A_rng(self, size, device=None):
@@ -318,6 +349,8 @@ def _meta(obj):
         out._tensor = obj._tensor.shallow_copy()
         out._tensor._tensor = torch.empty(obj._tensor.share.size(), dtype=torch.long, device="meta")
         return out
+    if hasattr(obj, "to_meta"):  # premask.MaskedWeight
+        return obj.to_meta()
     if isinstance(obj, dict):
         return {k: _meta(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -56,6 +56,23 @@ def test_sequence_classification_matches_plaintext(tmp_path, tiny_models, family
     assert "logits" not in json.dumps(run.results["vendor"])
 
 
+def test_weight_masks_open_each_weight_once_per_model(tmp_path, tiny_models):
+    """preprocessing.weight_masks (mpc_lm/premask.py): a forward sends exactly the weights'
+    openings less (8 bytes per weight entry), in the same rounds, with the same fidelity."""
+    runs = {}
+    for masks in (True, False):
+        (tmp_path / str(masks)).mkdir()
+        run = launch(write_config(tmp_path / str(masks), tiny_models["bert"],
+                                  preprocessing={"weight_masks": masks}))
+        cost = _check(run)["inference"]["hospital"]
+        runs[masks] = (cost["rounds"], max(p["online_bytes_sent"] for p in cost["per_party"].values()),
+                       run.results["hospital"]["weight_masks"])
+    assert runs[False][2] is None
+    assert runs[True][2]["weights"] == 11  # QKV, out, FF1, FF2 x 2 layers, embedding, pooler, classifier
+    assert runs[True][0] == runs[False][0]
+    assert runs[False][1] - runs[True][1] == 8 * runs[True][2]["elements"]
+
+
 def test_three_parties_and_two_data_owners(tmp_path, tiny_models):
     cfg = write_config(tmp_path, tiny_models["bert"], data_owners=("hospital", "clinic"),
                        extra_parties=[{"name": "cloud", "role": "compute"}])

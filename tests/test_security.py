@@ -108,3 +108,39 @@ def test_dealer_receives_only_requests(audited):
     _, _, audit = audited
     for text in audit["dealer"]["objects"]:
         assert text == "'terminate'" or "'function'" in text
+
+
+def test_weight_masks_are_opened_among_computing_parties_only(audited):
+    """Each weight's mask is opened once (mpc_lm/premask.py): both computing parties hold the
+    same opened ``E = W - B``, random-looking; the dealer holds ``B`` but never ``E``.
+
+    The instrument finds each ``E`` as a tensor both computing parties hold identically, and
+    proves it is one by the identity ``E + B = w0 + w1`` with ``B`` from the dealer's memory
+    and ``w0``, ``w1`` the parties' shares of the weight."""
+    _, _, audit = audited
+
+    def by_shape(tensors):
+        out: dict = {}
+        for t in tensors:
+            if t.dtype == torch.int64 and t.dim() == 2 and t.numel() >= 64:
+                out.setdefault(tuple(t.shape), []).append(t.contiguous())
+        return out
+
+    vendor, hospital, dealer = (by_shape(audit[p]["held"]) for p in ("vendor", "hospital", "dealer"))
+    opened = []
+    for shape, ts in vendor.items():
+        for e in ts:
+            if any(torch.equal(e, h) for h in hospital.get(shape, [])):
+                opened.append(e)
+    proven = 0
+    for e in opened:
+        shape = tuple(e.shape)
+        assert int((e.abs() < SMALL).sum()) <= 2 + e.numel() // 1000, f"opened {shape} does not look random"
+        assert not any(torch.equal(e, d) for d in dealer.get(shape, [])), "the dealer holds an opened W - B"
+        hospital_keys = {h.numpy().tobytes() for h in hospital.get(shape, [])}
+        if any((e + b - w0).numpy().tobytes() in hospital_keys
+               for b in dealer.get(shape, []) for w0 in vendor.get(shape, [])):
+            proven += 1
+    # tiny BERT: fused QKV, attention output, FF1, FF2 per layer (2 layers), the embedding
+    # table, the pooler and the classifier: 11 matrices
+    assert proven >= 11, f"found {proven} opened weight masks, expected 11"

@@ -114,7 +114,7 @@ def build_config(spec: dict, mode: str, texts: list[str], model_dir: Path, work:
     data.update(name=data.get("name", "bench") + f"-{mode}", model=model, job=job, run_dir=str(work / "runs"),
                 approx=approx)
     if mode == "crypten-naive":  # stock CrypTen: a dealer request/response per multiplication
-        data["preprocessing"] = {**data.get("preprocessing", {}), "mode": "on_demand"}
+        data["preprocessing"] = {**data.get("preprocessing", {}), "mode": "on_demand", "weight_masks": False}
     path = work / "consortium.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path, assignment

@@ -102,4 +102,4 @@ def hidden_states(p, one_hot, key_mask, arch: CausalArch, ap: Approximations, st
 
 def head(p, hidden, arch: CausalArch, ap: Approximations):
     x = causal.layer_norm(hidden, p["norm.weight"], p["norm.bias"], arch.eps, ap)
-    return x.matmul(p["emb.word"].t())
+    return layers.mm(x, p["emb.word"].t())

@@ -122,4 +122,4 @@ def hidden_states(p, one_hot, key_mask, arch: CausalArch, ap: Approximations, st
 
 def head(p, hidden, arch: CausalArch, ap: Approximations):
     x = causal.rms_norm(hidden, p["norm.weight"], arch.eps, ap)
-    return x.matmul(p["emb.word"].t() if arch.tied else p["head.weight"])
+    return layers.mm(x, p["emb.word"].t() if arch.tied else p["head.weight"])

@@ -1,0 +1,147 @@
+"""Weights whose Beaver masks are opened once per model instead of once per product.
+
+A Beaver product ``x @ W`` of two secrets opens ``x - a`` and ``W - b``. When ``W``
+is a model weight, the same weight meets a new input in every forward (and every
+generated token), so opening ``W - b`` each time sends the whole model per forward:
+0.68 GB per party for BERT-base at 8 bytes per ring element, whatever the input.
+Here (design: docs/performance.md, "Lever 5"):
+
+1. **Setup (once per model, after the weights are shared).** Every party draws its
+   share ``b_i`` of a mask ``B`` for each weight from the seed it shares with the
+   dealer; party 0 asks the dealer to draw the same masks (the dealer replays all
+   seeds and keeps ``B``). The computing parties open ``E = W - B`` together: one
+   batched opening of the model's size, once.
+2. **Per product.** The dealer deals ``a`` and ``c = a @ B`` (party 0 gets its share
+   of ``c``; the others draw theirs from their seeds, as for any triple). The parties
+   open ``d = x - a`` only and compute their shares of
+   ``x @ W = c + d @ B + a @ E + d @ E`` locally (the last term at party 0 only).
+
+Cost per product: one round, as before, and ``|x|`` opened elements instead of
+``|x| + |W|``. Security: ``B`` is uniform in the ring and used as the mask of one
+value (``W``) only, so ``E`` is uniform and independent of ``W`` for the computing
+parties; every product uses a fresh ``a``. The dealer knows ``B`` but never sees
+``E`` (it is opened among the computing parties), exactly as it knows every ``b``
+it deals. Only valid while ``W`` does not change: training keeps CrypTen's products.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._compat import import_crypten
+
+crypten = import_crypten()
+import crypten.communicator as comm  # noqa: E402
+
+
+class MaskedWeight:
+    """A secret weight ``W`` with this party's share of its mask ``B`` and the opened ``W - B``.
+
+    Used as the right operand of :func:`matmul` (``layers.linear``, embeddings, LM heads).
+    ``t()`` is the transpose (a tied LM head reuses the embedding's mask).
+    """
+
+    def __init__(self, wid: int, secret, mask_share, opened, transposed: bool = False):
+        self.wid = wid
+        self.secret = secret  # the MPCTensor of W, for anything that is not a product
+        self.mask_share = mask_share  # this party's share of B (ring elements)
+        self.opened = opened  # W - B (ring elements, public to the computing parties)
+        self.transposed = transposed
+
+    def t(self) -> "MaskedWeight":
+        return MaskedWeight(self.wid, self.secret.t(), self.mask_share.t(), self.opened.t(), not self.transposed)
+
+    def size(self, dim=None):
+        return self.secret.size() if dim is None else self.secret.size(dim)
+
+    @property
+    def device(self):
+        return self.secret.device
+
+    @property
+    def encoder(self):
+        return self.secret._tensor.encoder
+
+    def to_meta(self) -> "MaskedWeight":
+        """A shape-only copy for offline planning (mpc_lm/offline.py)."""
+        from .offline import _meta
+
+        def empty(t):
+            return torch.empty(tuple(t.size()), dtype=torch.long, device="meta")
+
+        return MaskedWeight(self.wid, _meta(self.secret), empty(self.mask_share), empty(self.opened),
+                            self.transposed)
+
+
+def matmul_names(shapes: dict, extra: tuple[str, ...] = ("emb.word",)) -> list[str]:
+    """The parameters a model only ever multiplies by: 2-D ``*.weight`` matrices and ``extra``."""
+    names = [n for n, s in shapes.items() if n.endswith(".weight") and len(s) == 2]
+    return names + [n for n in extra if n in shapes and n not in names]
+
+
+def enabled(cfg) -> bool:
+    """Weight masks need the dealer (``provider: ttp``) and are off in the stock-CrypTen baseline."""
+    return cfg.security.provider == "ttp" and cfg.preprocessing.weight_masks
+
+
+def prepare(cfg, params: dict, names: list[str]) -> tuple[dict, dict | None]:
+    """:func:`mask_weights` when :func:`enabled`, else ``(params, None)``."""
+    if not enabled(cfg):
+        return params, None
+    return mask_weights(params, names)
+
+
+def mask_weights(params: dict, names: list[str]) -> tuple[dict, dict]:
+    """Replace ``params[n]`` for ``n`` in ``names`` by :class:`MaskedWeight`; returns (params, stats).
+
+    Collective: every computing party calls it with the same names, in the same order.
+    """
+    from . import offline
+
+    provider = offline.install()
+    names = [n for n in names if n in params]
+    if not names:
+        return params, {"weights": 0, "elements": 0}
+    device = params[names[0]].device
+    shares = provider.weight_masks([tuple(params[n].size()) for n in names], device)
+    masked = [params[n]._tensor.share - b for n, b in zip(names, shares)]
+    opened = comm.get().all_reduce(masked, batched=True)
+    out = dict(params)
+    first = provider.next_weight_id - len(names)
+    for i, (n, b, e) in enumerate(zip(names, shares, opened)):
+        out[n] = MaskedWeight(first + i, params[n], b, e)
+    return out, {"weights": len(names), "elements": int(sum(params[n].numel() for n in names))}
+
+
+def matmul(x, w: MaskedWeight):
+    """``x @ W`` for a secret ``x`` (MPCTensor) and a :class:`MaskedWeight`. One round, ``|x|`` opened."""
+    from . import offline
+
+    provider = offline.install()
+    xt = x._tensor
+    a, c = provider.masked_triple(tuple(x.size()), w, device=x.device)
+    d = comm.get().all_reduce(xt.share - a.share)  # x - a: the only opening
+    z = c.share
+    z += torch.matmul(d, w.mask_share)
+    z += torch.matmul(a.share, w.opened)
+    if comm.get().get_rank() == 0:
+        z += torch.matmul(d, w.opened)
+    result = xt.shallow_copy()
+    result.share = z
+    x_scale, w_scale = xt.encoder.scale, w.encoder.scale
+    if x_scale > 1 and w_scale > 1:  # both fixed point: truncate once, as CrypTen's product does
+        result.encoder = xt.encoder
+        result.div_(x_scale)
+    else:
+        result.encoder = xt.encoder if x_scale > 1 else w.encoder
+    out = x.shallow_copy()
+    out._tensor = result
+    return out
+
+
+def mm(x, w):
+    """``x @ w``: :func:`matmul` for a :class:`MaskedWeight`, CrypTen's product otherwise."""
+    return matmul(x, w) if isinstance(w, MaskedWeight) else x.matmul(w)
+
+
+__all__ = ["MaskedWeight", "enabled", "mask_weights", "prepare", "matmul", "matmul_names", "mm"]
