@@ -94,20 +94,36 @@ def _ltz_lanes(x, lane_bits: int, drop: int):
     ring units, except that x in [0, 2^drop) may read as negative. ``drop`` 0 is exact
     (:func:`_ltz_packed`). Rounds: 2 + log2(lane_bits) (AND layers) + 1 (B2A).
     """
+    return _ltz_of_lanes(_lane_values(x, lane_bits, drop), lane_bits, x)
+
+
+def _lane_values(x, lane_bits: int, drop: int) -> torch.Tensor:
+    """This party's bits [drop, drop + lane_bits) of its share of x, as integers (local).
+
+    The two parties' values add up to floor(x / 2^drop) - c mod 2^lane_bits, c in {0, 1}
+    (see :func:`_ltz_lanes`); differences of them are shares of differences, exactly.
+    """
+    if 64 % lane_bits or drop + lane_bits > 64:
+        raise ValueError(f"lanes of {lane_bits} bits from bit {drop} do not fit a 64-bit ring element")
+    share = x._tensor.share
+    plain = share if torch.is_tensor(share) else share.tensor()
+    return (plain >> drop) & ((1 << lane_bits) - 1) if lane_bits < 64 else plain
+
+
+def _ltz_of_lanes(values: torch.Tensor, lane_bits: int, like):
+    """[v < 0] for v the lane-wise sum of both parties' ``values`` mod 2^lane_bits, read as signed:
+    a Kogge-Stone adder on 64 / lane_bits lanes per word, then B2A. ``like``: an MPCTensor of the
+    same shape, cloned for the result."""
     from crypten.mpc.primitives import BinarySharedTensor
     from crypten.mpc.primitives.beaver import B2A_single_bit
 
-    if 64 % lane_bits or drop + lane_bits > 64:
-        raise ValueError(f"lanes of {lane_bits} bits from bit {drop} do not fit a 64-bit ring element")
     lanes = 64 // lane_bits
     rank = crypten.communicator.get().get_rank()
-    share = x._tensor.share
-    plain = share if torch.is_tensor(share) else share.tensor()
-    flat = plain.reshape(-1)
-    n = flat.numel()
+    size = values.size()
+    low = values.reshape(-1)
+    n = low.numel()
     if n % lanes:
-        flat = torch.cat([flat, flat.new_zeros(lanes - n % lanes)])
-    low = (flat >> drop) & ((1 << lane_bits) - 1) if lane_bits < 64 else flat
+        low = torch.cat([low, low.new_zeros(lanes - n % lanes)])
     word = low[0::lanes]
     for j in range(1, lanes):
         word = word | (low[j::lanes] << (j * lane_bits))
@@ -128,8 +144,8 @@ def _ltz_lanes(x, lane_bits: int, drop: int):
             g, p = g ^ both[0], both[1]
     top = p0 ^ (g << 1)  # the top bit of each lane: sum bit = propagate xor carry-in
     bits = BinarySharedTensor.stack([(top >> (j * lane_bits + lane_bits - 1)) & 1 for j in range(lanes)])
-    bits = bits.permute(1, 0).reshape(-1)[:n].reshape(plain.size())
-    out = x.clone()
+    bits = bits.permute(1, 0).reshape(-1)[:n].reshape(size)
+    out = like.clone()
     out._tensor = B2A_single_bit(bits)
     out.encoder._scale = 1
     return out
@@ -313,7 +329,8 @@ def row_max(x, arity: int = 2):
     pairwise comparisons in one C, the winner selected by a product of its three
     indicators and its value in 2 rounds: C + 2 rounds per level, ceil(log4 n)
     levels (a last pair costs C + 1), about 2 n comparisons (docs/performance.md).
-    Ties go to the first maximal element, so exactly one indicator is 1.
+    Ties go to the first maximal element, so exactly one indicator is 1: the comparisons
+    of a group are consistent (:func:`_group_ge`).
     """
     if arity not in (2, 4):
         raise ValueError(f"row_max arity must be 2 or 4, not {arity}")
@@ -331,8 +348,7 @@ def row_max(x, arity: int = 2):
         g = head.reshape(*head.size()[:-1], groups, 4)
         cols = [g[..., i] for i in range(4)]
         pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
-        # exact comparisons here: a coarse one could make a cycle among near-ties (no winner, max 0)
-        ge = as_fixed(ge0(crypten.stack([cols[i] - cols[j] for i, j in pairs]))).unbind(0)
+        ge = as_fixed(_group_ge(cols, pairs)).unbind(0)
         ind = {}
         for (i, j), bit in zip(pairs, ge):
             ind[(i, j)] = bit  # [x_i >= x_j] (i < j)
@@ -346,10 +362,30 @@ def row_max(x, arity: int = 2):
     return x
 
 
+def _group_ge(cols, pairs):
+    """[x_i >= x_j] for the (i, j) in ``pairs``, stacked, as 0/1 shares of scale 1; consistent.
+
+    The winner of a group is the element whose comparisons all say it is largest, so the
+    comparisons must be consistent: a truncated comparison of each difference (``coarse``)
+    may flip near-ties independently and make a cycle, leaving no winner. Under ``lanes16``
+    with two parties, every element is truncated ONCE (bits [COARSE_DROP, COARSE_DROP + 16)
+    of its shares, :func:`_lane_values`), and the comparisons are exact on those truncated
+    values y_i = floor(x_i / 2^COARSE_DROP) - c_i: a consistent order (ties to the lower
+    index), whose winner is within 2 * 2^-6 of the true maximum (softmax is shift-invariant).
+    Needs |x_i - x_j| < 512. Otherwise exact comparisons of the differences (packed32 / CrypTen).
+    """
+    diffs = crypten.stack([cols[i] - cols[j] for i, j in pairs])
+    if COMPARISON["method"] == "lanes16" and crypten.communicator.get().get_world_size() == 2:
+        t = [_lane_values(c, 16, COARSE_DROP) for c in cols]
+        values = torch.stack([(t[i] - t[j]) & 0xFFFF for i, j in pairs])
+        return 1 - _ltz_of_lanes(values, 16, diffs)
+    return ge0(diffs)
+
+
 # ---------------------------------------------------------------- reciprocal, inverse sqrt
 
 
-def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int = 1):
+def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int = 1, coarse: bool = False):
     """A first guess for x^power from [x >= 2^(k/steps)] over [2^lo_exp, 2^hi_exp], in one comparison.
 
     ``steps`` thresholds per octave: within a bucket [2^(k/s), 2^((k+1)/s)) the guess is
@@ -357,9 +393,18 @@ def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int = 1):
     2^(|power| / (2 s)) of the truth and Newton needs fewer iterations (docs/performance.md).
     Inputs below 2^lo_exp get the guess of the lowest bucket, above 2^hi_exp the highest.
     Cost: one C on ``steps * (hi_exp - lo_exp)`` elements per input; the selection is local.
+
+    ``coarse=True`` (callers whose input stays below 2^hi_exp, e.g. a softmax row sum
+    <= T) uses the truncated comparisons of :func:`ge0` when every x - t stays inside their
+    range (2^hi_exp <= 2^(COARSE_DROP - 2)) and the lowest threshold is far above their
+    window: a flip then reads x in [t, t + 2^-6) as just below t, i.e. the guess of the
+    adjacent bucket, within a factor 2^(1/(2 steps)) (1 + 2^-6 / t) of the truth instead of
+    2^(1/(2 steps)) (0.125 instead of 0.091 for 4 steps, t >= 1/2). Otherwise exact.
     """
     ks = list(range(lo_exp * steps + 1, hi_exp * steps + 1))
-    bits = ge_bits(x, [2.0 ** (k / steps) for k in ks], packed_ok=2.0**hi_exp < packed_limit() / 2)
+    coarse = coarse and hi_exp <= COARSE_DROP - 2 and lo_exp >= -1
+    bits = ge_bits(x, [2.0 ** (k / steps) for k in ks], packed_ok=2.0**hi_exp < packed_limit() / 2,
+                   coarse=coarse)
     values = [(2.0 ** ((k + 0.5) / steps)) ** power for k in [lo_exp * steps] + ks]
     encoder = FixedPointEncoder()
     # sum_k bit_k * (value_k - value_{k-1}): exact integer products of the 0/1 shares, one op
@@ -370,15 +415,15 @@ def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int = 1):
     return guess + values[0]
 
 
-def reciprocal(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1):
+def reciprocal(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1, coarse: bool = False):
     """1/x for x in [2^lo_exp, 2^hi_exp] (x > 0).
 
     Newton-Raphson y <- y (2 - x y) from the bucket guess: relative error
     e0 <= 2^(1/(2 steps)) - 1 (0.42 for 1 step per octave, 0.091 for 4),
     e_{k+1} = e_k^2: 4 iterations (1 step) or 2 (4 steps) reach < 1e-4 before fixed point.
-    Cost: one C + 2 rounds per iteration.
+    Cost: one C + 2 rounds per iteration. ``coarse``: see :func:`_bucket_guess` (x <= 2^hi_exp).
     """
-    y = _bucket_guess(x, lo_exp, hi_exp, -1.0, steps)
+    y = _bucket_guess(x, lo_exp, hi_exp, -1.0, steps, coarse)
     for _ in range(iterations):
         y = y * (2 - x * y)
     return y
@@ -423,5 +468,5 @@ def masked_softmax(scores, key_mask, exp_iterations: int, reciprocal_iterations:
     e = exp_nonpositive(shifted, exp_iterations) * key_mask
     total = e.sum(dim=-1, keepdim=True)
     hi_exp = max(1, math.ceil(math.log2(scores.size(-1))) + 1)
-    return e * reciprocal(total, -1, hi_exp, reciprocal_iterations, steps)
+    return e * reciprocal(total, -1, hi_exp, reciprocal_iterations, steps, coarse=True)  # total <= T
 

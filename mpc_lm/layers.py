@@ -113,7 +113,8 @@ def mean_pool(hidden, mask, ap: Approximations):
     hi_exp = max(1, seq.bit_length())
     if ap.mode == "crypten":
         return total * count.reciprocal()
-    return total * approx.reciprocal(count, -1, hi_exp, ap.reciprocal_iterations, ap.guess_steps_per_octave)
+    return total * approx.reciprocal(count, -1, hi_exp, ap.reciprocal_iterations, ap.guess_steps_per_octave,
+                                     coarse=True)  # count <= T
 
 
 def tanh(x, ap: Approximations):

@@ -90,3 +90,62 @@ def test_truncated_16_bit_lanes_err_only_just_above_zero():
         assert all(0 <= v < 2**-8 for v in wrong), wrong
         assert lanes16[0] == packed[0] - 1  # one AND level fewer
         assert lanes16[1] < 0.6 * packed[1]  # bytes per element
+
+
+@crypten.mpc.run_multiprocess(world_size=2)
+def _coarse_reciprocal_world():
+    """1/x for a softmax row sum (x <= 2^8) with exact and with truncated-lane bucket comparisons,
+    on a grid plus values just above every threshold (where a truncated comparison may flip)."""
+    approx.COMPARISON["method"] = "lanes16"
+    crypten.cfg.communicator.verbose = True
+    thresholds = torch.tensor([2.0 ** (k / 4) for k in range(-3, 33)])
+    x = torch.cat([torch.linspace(0.5, 256, 1000), thresholds + 2**-9, thresholds + 2**-7])
+    enc = crypten.cryptensor(x)
+    out = {}
+    for coarse in (False, True):
+        c = crypten.communicator.get()
+        c.reset_communication_stats()
+        got = approx.reciprocal(enc, -1, 8, 2, steps=4, coarse=coarse).get_plain_text()
+        stats = c.get_communication_stats()
+        out[str(coarse)] = [float(((got - 1 / x).abs() * x).max()), stats["rounds"], stats["bytes"] / x.numel()]
+    return out
+
+
+def test_coarse_bucket_guess_keeps_the_reciprocal_accurate():
+    for out in _in_fresh_world("_coarse_reciprocal_world"):
+        (exact_err, exact_rounds, exact_bytes), (err, rounds, nbytes) = out["False"], out["True"]
+        assert exact_err < 6e-3 and err < 6e-3, out  # relative error; 2^-16 absolute at 1/256 is 4e-3
+        assert rounds == exact_rounds - 1, out
+        assert nbytes < exact_bytes, out
+
+
+@crypten.mpc.run_multiprocess(world_size=2)
+def _group_max_world():
+    """Row max in groups of four with truncated lanes (consistent comparisons of truncated values),
+    on random rows, rows of exact ties and rows of near-ties within 2^-8 (where independent
+    truncated comparisons could make a cycle and leave a group without a winner)."""
+    crypten.cfg.communicator.verbose = True
+    g = torch.Generator().manual_seed(11)
+    rows = [torch.randn(20, 128, generator=g) * 10,
+            torch.full((4, 128), 3.25),
+            5.0 + torch.randint(0, 4, (20, 128), generator=g) * 2.0**-8,
+            -7.0 + torch.rand(20, 128, generator=g) * 2.0**-6]
+    x = torch.cat(rows)
+    enc = crypten.cryptensor(x)
+    out = {}
+    for method in ("packed32", "lanes16"):
+        approx.COMPARISON["method"] = method
+        c = crypten.communicator.get()
+        c.reset_communication_stats()
+        got = approx.row_max(enc, 4).get_plain_text().squeeze(-1)
+        stats = c.get_communication_stats()
+        out[method] = [float((got - x.max(-1).values).abs().max()), stats["rounds"], stats["bytes"] / x.numel()]
+    return out
+
+
+def test_group_max_with_truncated_lanes_has_one_winner_per_group():
+    for out in _in_fresh_world("_group_max_world"):
+        (exact_err, exact_rounds, exact_bytes), (err, rounds, nbytes) = out["packed32"], out["lanes16"]
+        assert exact_err < 1e-3, out
+        assert err < 2 * 2**-6 + 1e-3, out  # a winner within two truncation steps, never 0 or a sum
+        assert rounds == exact_rounds - 4 and nbytes < 0.65 * exact_bytes, out  # 128 -> 32 -> 8 -> 2 -> 1: 1 round per level

@@ -174,6 +174,10 @@ def run_mode(spec: dict, mode: str, texts: list[str], labels: list[int], model_d
     computing = [p for n_, p in parties.items() if dealer is None or n_ != dealer.name]
     busiest = max(computing, key=lambda p: p["bytes"])
     setup = max((r.get("share_weights", {}).get("wall_s", 0.0) for r in run.results.values()), default=0.0)
+    # once per model, before any text: sharing the weights and opening their masks (mpc_lm/premask.py)
+    setup_bytes = max((r.get("share_weights", {}).get("traffic", {}).get("online", {}).get("bytes_sent", 0)
+                       for n_, r in run.results.items() if dealer is None or n_ != dealer.name), default=0)
+    masks = next((r["weight_masks"] for r in run.results.values() if r.get("weight_masks")), None)
     peaks = [p["peak_host_mb"] for p in parties.values() if p.get("peak_host_mb") is not None]
     gpu = [p["peak_gpu_mb"] for p in parties.values() if p.get("peak_gpu_mb") is not None]
     return {
@@ -187,7 +191,8 @@ def run_mode(spec: dict, mode: str, texts: list[str], labels: list[int], model_d
         "bytes_per_party": busiest["bytes"], "online_bytes": max(p["online_bytes"] for p in computing),
         "offline_bytes": max(p["offline_bytes"] for p in computing), "rounds": rounds,
         "offline_rounds": max(p["offline_rounds"] for p in computing),
-        "setup_s": round(setup, 3), "launch_wall_s": round(launch_wall, 3),
+        "setup_s": round(setup, 3), "setup_bytes": setup_bytes, "weight_masks": masks,
+        "launch_wall_s": round(launch_wall, 3),
         "peak_host_mb": max(peaks) if peaks else None, "peak_gpu_mb": max(gpu) if gpu else None,
         "parties": parties, "approx": run.config.approx.model_dump(mode="json"),
         "provider": run.config.security.provider, "run_dir": str(run.run_dir), "config": str(config_path),
