@@ -260,9 +260,13 @@ def gumbel_noise(shape, world_size: int, my_rank: int, seed: int | None, step: i
     fixed point); a party knows only a lower bound (its own draw) of each entry.
     Sharing is free; cost: (n - 1) x (C + 1 round).
     """
+    from .offline import planning
+
+    if planning():  # an offline plan's dry run: shapes only (mpc_lm/offline.py)
+        device = "meta"
     total = None
     for src in range(world_size):
-        if src == my_rank:
+        if src == my_rank and torch.device(device).type != "meta":
             value = local_gumbel(shape, party_generator(seed, src, step), world_size)
         else:
             value = torch.zeros(shape)

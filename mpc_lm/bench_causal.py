@@ -2,6 +2,7 @@
 
     python -m mpc_lm.bench_causal [--family gpt2] [--layers 12] [--hidden 768] [--heads 12]
         [--vocab 50257] [--prompt 64] [--new 1] [--device cpu|cuda] [--port 29690]
+        [--on-demand] [--no-weight-masks]
 
 Builds (once, under $MPC_LM_CACHE) a random checkpoint of the given shape
 (defaults: GPT-2 small), launches model owner + data owner + dealer on this
@@ -35,6 +36,10 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--port", type=int, default=29690)
+    ap.add_argument("--on-demand", action="store_true",
+                    help="preprocessing.mode: on_demand (the dealer asked per multiplication; default: offline phase)")
+    ap.add_argument("--no-weight-masks", action="store_true",
+                    help="preprocessing.weight_masks: false (each product opens the weight's mask again)")
     args = ap.parse_args(argv)
     name = f"bench-{args.family}-l{args.layers}-h{args.hidden}-a{args.heads}-v{args.vocab}"
     model = lm_examples.cache_dir() / name
@@ -55,7 +60,9 @@ def main(argv=None) -> int:
                "job": {"kind": "generate", "seq_len": args.prompt, "batch_size": 1, "truncate": True,
                        "generate": {"max_new_tokens": args.new}},
                "rendezvous": {"host": "127.0.0.1", "port": args.port},
-               "timeouts": {"run_s": 7200, "op_s": 1800}}
+               "timeouts": {"run_s": 7200, "op_s": 1800},
+               "preprocessing": {"mode": "on_demand" if args.on_demand else "offline",
+                                 "weight_masks": not args.no_weight_masks}}
         (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
         run = launch(tmp / "c.yaml")
         costs = step_costs(run)["alice"]

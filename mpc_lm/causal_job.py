@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import approx_causal, convert, inputs, premask
+from . import approx_causal, convert, inputs, offline, premask
 from .reveal import open_to
 from ._compat import import_crypten
 from .config import ModelSpec
@@ -259,7 +259,7 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch: CausalArch, params) ->
 
     n = _agree(ctx, src, count)
     extra = gen.max_new_tokens if job.kind == "generate" else 0
-    results, steps = [], []
+    results, steps, offline_stats = [], [], {}
     for b, start in enumerate(range(0, n, job.batch_size)):
         size = min(job.batch_size, n - start)
         batch = None
@@ -270,20 +270,37 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch: CausalArch, params) ->
         one_hot, key_mask, pos_one_hot = share_inputs(batch, size, job.seq_len, extra, arch, src, ctx.device)
         with crypten.no_grad():
             if job.kind == "score":
-                logp, lg = score_batch(params, one_hot, key_mask, pos_one_hot, arch, ap, job.reveal_logits)
+                (logp, lg), pre = offline.run(
+                    ctx.config, ("score", size, job.seq_len, job.reveal_logits),
+                    lambda p, o, m, q: score_batch(p, o, m, q, arch, ap, job.reveal_logits),
+                    params, one_hot, key_mask, pos_one_hot)
                 out = {"logp": open_to(logp, dst=src)}
                 if lg is not None:
                     out["logits"] = open_to(lg, dst=src)
             else:
-                phase = [Phase().begin(ctx)]
+                phase = [None]
 
                 def on_step(label):
+                    if offline.planning():
+                        return
                     steps.append({"batch": b, "step": label, **phase[0].end(ctx)})
                     phase[0] = Phase().begin(ctx)
 
-                chosen = generate_batch(params, one_hot, key_mask, pos_one_hot, arch, ap, gen, ctx.rank,
-                                        ctx.config.world_size, ctx.device, b * gen.max_new_tokens, on_step)
+                def generate(p, o, m, q):
+                    if not offline.planning():  # the online phase starts here, after the dealer's transfer
+                        phase[0] = Phase().begin(ctx)
+                    return generate_batch(p, o, m, q, arch, ap, gen, ctx.rank, ctx.config.world_size,
+                                          ctx.device, b * gen.max_new_tokens, on_step)
+
+                # The whole generation (prefill and every step) is one planned computation: its
+                # shapes are public (bucket, batch, max_new_tokens), so one dealer transfer serves it.
+                chosen, pre = offline.run(ctx.config, ("generate", size, job.seq_len, gen.max_new_tokens,
+                                                       gen.strategy, gen.top_k, gen.kv_cache),
+                                          generate, params, one_hot, key_mask, pos_one_hot)
                 out = {"ids": open_to(approx_causal.one_hot_to_ids(chosen), dst=src)}
+            if pre is not None:
+                for k in ("offline_s", "plan_s", "requests"):
+                    offline_stats[k] = offline_stats.get(k, 0) + pre[k]
         if mine:
             results.append((batch, out))
     if ctx.comm.audit is not None:  # test instrument (docs/security.md): job state is live here
@@ -291,7 +308,7 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch: CausalArch, params) ->
     if mine:
         path = ctx.party.output or ctx.config.run_dir / f"{owner}.jsonl"
         write_outputs(path, job.kind, results, local["tokenizer"], arch)
-    return {"texts": n, "steps": steps}
+    return {"texts": n, "steps": steps, "offline": offline_stats or None}
 
 
 def write_outputs(path, kind: str, results, tokenizer, arch: CausalArch) -> None:
@@ -329,5 +346,6 @@ def run(ctx: PartyContext) -> dict:
     for owner in ctx.config.data_owners:
         phase = Phase().begin(ctx)
         info = serve_data_owner(ctx, owner.name, arch, params)
-        summary["data_owners"][owner.name] = {"texts": info["texts"], **phase.end(ctx), "steps": info["steps"]}
+        summary["data_owners"][owner.name] = {"texts": info["texts"], **phase.end(ctx), "steps": info["steps"],
+                                              "offline": info["offline"]}
     return summary

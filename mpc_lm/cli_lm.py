@@ -43,22 +43,32 @@ def step_costs(run) -> dict:
             for st in res["data_owners"][owner.name].get("steps", []):
                 key = f"{st['batch']}:{st['step']}"
                 cur = per_step.setdefault(key, {"step": st["step"], "wall_s": 0.0, "bytes": 0, "rounds": 0,
-                                                "dealer_bytes": 0})
+                                                "dealer_bytes": 0, "dealer_rounds": 0})
                 t = st["traffic"]
                 cur["wall_s"] = max(cur["wall_s"], st["wall_s"])
                 cur["bytes"] = max(cur["bytes"], t["online"]["bytes_sent"])
                 cur["rounds"] = max(cur["rounds"], t["online"]["rounds"])
                 cur["dealer_bytes"] = max(cur["dealer_bytes"], t["dealer"]["bytes_received"])
+                cur["dealer_rounds"] = max(cur["dealer_rounds"], t["dealer"]["rounds"])
         pre = [v for v in per_step.values() if v["step"] == "prefill"]
         tok = [v for v in per_step.values() if v["step"] != "prefill"]
 
         def mean(rows, k):
             return statistics.mean(r[k] for r in rows) if rows else 0.0
 
+        keys = ("wall_s", "bytes", "rounds", "dealer_bytes", "dealer_rounds")
+        # the offline phase (docs/performance.md) runs before the prefill: its time and the
+        # dealer's transfer for the whole generation, max over computing parties
+        phases = [res["data_owners"][owner.name] for res in run.results.values() if "data_owners" in res]
+        offline = [p.get("offline") or {} for p in phases]
         out[owner.name] = {
-            "prefill": {k: mean(pre, k) for k in ("wall_s", "bytes", "rounds", "dealer_bytes")},
-            "per_token": {k: mean(tok, k) for k in ("wall_s", "bytes", "rounds", "dealer_bytes")},
+            "prefill": {k: mean(pre, k) for k in keys},
+            "per_token": {k: mean(tok, k) for k in keys},
             "tokens": len(tok),
+            "offline": {"offline_s": max((o.get("offline_s", 0.0) for o in offline), default=0.0),
+                        "plan_s": max((o.get("plan_s", 0.0) for o in offline), default=0.0),
+                        "dealer_bytes": max((p["traffic"]["dealer"]["bytes_received"] for p in phases), default=0)
+                        - sum(v["dealer_bytes"] for v in per_step.values())},
         }
     return out
 

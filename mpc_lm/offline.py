@@ -257,6 +257,14 @@ class _DryCommunicator:
         self._nothing_to("recv_obj")
 
 
+_PLANNING = {"on": False}
+
+
+def planning() -> bool:
+    """True inside an offline plan's dry run (shape-only tensors, nothing sent)."""
+    return _PLANNING["on"]
+
+
 @contextmanager
 def _dry():
     """Planning context: nothing is sent, and shape-only ("meta") shares draw their (empty)
@@ -266,9 +274,11 @@ def _dry():
     meta = torch.device("meta")
     for table in crypten.generators.values():
         table[meta] = torch.Generator()
+    _PLANNING["on"] = True
     try:
         yield
     finally:
+        _PLANNING["on"] = False
         DistributedCommunicator.instance = real
         for table in crypten.generators.values():
             table.pop(meta, None)

@@ -147,6 +147,7 @@ def apply_rope(x, cos, sin):
     crypten = import_crypten()
     half = x.size(-1) // 2
     rotated = crypten.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos.to(x.device), sin.to(x.device)  # x's device: also "meta" in an offline plan
     return x * cos + rotated * sin
 
 
