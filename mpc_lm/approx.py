@@ -200,6 +200,65 @@ def mul_many(pairs):
     return list((left * right).unbind(0))
 
 
+def mul_batch(pairs):
+    """x * y for several independent pairs of any shapes (broadcasting as ``*``), in ONE round.
+
+    Each pair gets its own Beaver triple; all masked operands of all pairs are opened in a
+    single ``all_reduce``, then each product is recombined and truncated like CrypTen's
+    ``mul``; a pair ``(x, x)`` is a square (one opening, CrypTen's ``square`` randomness).
+    Use it for products that do not depend on each other but differ in shape
+    (:func:`mul_many` needs equal shapes).
+    """
+    if len(pairs) == 1:
+        x, y = pairs[0]
+        return [x * y]
+    from crypten.cuda import CUDALongTensor
+
+    def plain(t):
+        return t if torch.is_tensor(t) else t.tensor()
+
+    provider = crypten.mpc.get_default_provider()
+    triples, masked = [], []
+    for x, y in pairs:
+        if y is x:  # a square: one mask r, r^2 from the dealer, one opening
+            r, r2 = provider.square(x.size(), device=x.device)
+            triples.append((r, r2))
+            masked.append(plain(x._tensor.share) - plain(r.share))
+        else:
+            a, b, c = provider.generate_additive_triple(x.size(), y.size(), "mul", device=x.device)
+            triples.append((a, b, c))
+            masked += [plain(x._tensor.share) - plain(a.share), plain(y._tensor.share) - plain(b.share)]
+    flat = crypten.communicator.get().all_reduce(torch.cat([m.reshape(-1) for m in masked]))
+    opened, offset = [], 0
+    for m in masked:
+        opened.append(flat[offset : offset + m.numel()].view(m.size()))
+        offset += m.numel()
+    out, first = [], crypten.communicator.get().get_rank() == 0
+    for (x, y), triple in zip(pairs, triples):
+        if y is x:  # x^2 = r^2 + 2 eps r + eps^2
+            (r, r2), eps = triple, opened.pop(0)
+            z = plain(r2.share) + 2 * eps * plain(r.share)
+            if first:
+                z = z + eps * eps
+        else:  # x y = c + eps b + a dlt + eps dlt
+            (a, b, c), eps, dlt = triple, opened.pop(0), opened.pop(0)
+            z = plain(c.share) + eps * plain(b.share) + plain(a.share) * dlt
+            if first:
+                z = z + eps * dlt
+        result = x._tensor.shallow_copy()
+        result.share = z if torch.is_tensor(x._tensor.share) else CUDALongTensor(z)
+        xs, ys = x._tensor.encoder.scale, y._tensor.encoder.scale
+        if xs > 1 and ys > 1:
+            result.encoder = x._tensor.encoder
+            result.div_(xs)
+        else:
+            result.encoder = x._tensor.encoder if xs > 1 else y._tensor.encoder
+        product = x.shallow_copy()
+        product._tensor = result
+        out.append(product)
+    return out
+
+
 # ---------------------------------------------------------------- polynomials
 
 
@@ -429,6 +488,36 @@ def reciprocal(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1, coa
     return y
 
 
+def scaled_reciprocal(x, a, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1, coarse: bool = False):
+    """a / x for x in [2^lo_exp, 2^hi_exp] (x > 0, shape broadcastable to a's), with the last Newton
+    step folded into the product: a y (2 - x y) as x y and a y in one round, then one product.
+
+    Cost: C + 2 (iterations - 1) + 2 rounds (``a * reciprocal(x)``: C + 2 iterations + 1).
+    """
+    y = _bucket_guess(x, lo_exp, hi_exp, -1.0, steps, coarse)
+    if iterations == 0:
+        return a * y
+    for _ in range(iterations - 1):
+        y = y * (2 - x * y)
+    xy, ay = mul_batch([(x, y), (a, y)])
+    return ay * (2 - xy)
+
+
+def scaled_inv_sqrt(x, a, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1):
+    """a / sqrt(x) for x in [2^lo_exp, 2^hi_exp] (x > 0, broadcastable to a's), with the last Newton
+    step folded into the product: (x y) and (a y) in one round, (x y) y, then (a y)(3 - x y^2) / 2.
+
+    Cost: C + 3 iterations rounds (``a * inv_sqrt(x)``: C + 3 iterations + 1).
+    """
+    y = _bucket_guess(x, lo_exp, hi_exp, -0.5, steps)
+    if iterations == 0:
+        return a * y
+    for _ in range(iterations - 1):
+        y = y * (3 - (x * y) * y) * 0.5
+    xy, ay = mul_batch([(x, y), (a, y)])
+    return ay * (3 - xy * y) * 0.5
+
+
 def inv_sqrt(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1):
     """1/sqrt(x) for x in [2^lo_exp, 2^hi_exp] (x > 0).
 
@@ -461,12 +550,13 @@ def masked_softmax(scores, key_mask, exp_iterations: int, reciprocal_iterations:
     i.e. score ranges below 2^n - 64 (192 for n = 8; measured BERT ranges < 140).
     The exponentials are then multiplied by the mask, so masked keys count
     exactly zero even if a masked score exceeded every real one.
-    Cost: row_max + exp (n rounds) + 1 + reciprocal of the row sum + 1.
+    Cost: row_max + exp (n rounds) + 1 + C + 2 x reciprocal_iterations (the last Newton step
+    folded into the normalisation, :func:`scaled_reciprocal`).
     """
     shifted = scores + (key_mask - 1) * MASK_PENALTY
     shifted = shifted - row_max(shifted, max_arity)
     e = exp_nonpositive(shifted, exp_iterations) * key_mask
     total = e.sum(dim=-1, keepdim=True)
     hi_exp = max(1, math.ceil(math.log2(scores.size(-1))) + 1)
-    return e * reciprocal(total, -1, hi_exp, reciprocal_iterations, steps, coarse=True)  # total <= T
+    return scaled_reciprocal(total, e, -1, hi_exp, reciprocal_iterations, steps, coarse=True)  # total <= T
 

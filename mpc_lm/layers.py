@@ -38,15 +38,18 @@ def linear(x, weight, bias=None):
 def layer_norm(x, gamma, beta, eps: float, ap: Approximations):
     """(x - mean) / sqrt(var + eps) * gamma + beta over the last dimension.
 
-    Cost: 1 round (square) + inv_sqrt (C + 3 per iteration) + 2 rounds.
+    Cost: 1 round (centered^2 and centered * gamma together) + C + 3 per inv_sqrt iteration,
+    the last one folded into the product (:func:`mpc_lm.approx.scaled_inv_sqrt`).
+    Stock CrypTen mode: 1 + CrypTen's inv_sqrt + 2.
     """
     centered = x - x.mean(dim=-1, keepdim=True)
-    var = centered.square().mean(dim=-1, keepdim=True)
     if ap.mode == "crypten":  # stock CrypTen (benchmark baseline): its own NR initial guess
-        inv = (var + eps).inv_sqrt()
-    else:
-        inv = approx.inv_sqrt(var + eps, VAR_LO_EXP, VAR_HI_EXP, ap.inv_sqrt_iterations, ap.guess_steps_per_octave)
-    return centered * (inv * gamma) + beta
+        var = centered.square().mean(dim=-1, keepdim=True)
+        return centered * ((var + eps).inv_sqrt() * gamma) + beta
+    squares, scaled = approx.mul_batch([(centered, centered), (centered, gamma)])
+    var = squares.mean(dim=-1, keepdim=True)
+    return approx.scaled_inv_sqrt(var + eps, scaled, VAR_LO_EXP, VAR_HI_EXP, ap.inv_sqrt_iterations,
+                                  ap.guess_steps_per_octave) + beta
 
 
 def activation(x, name: str, ap: Approximations):
@@ -113,8 +116,8 @@ def mean_pool(hidden, mask, ap: Approximations):
     hi_exp = max(1, seq.bit_length())
     if ap.mode == "crypten":
         return total * count.reciprocal()
-    return total * approx.reciprocal(count, -1, hi_exp, ap.reciprocal_iterations, ap.guess_steps_per_octave,
-                                     coarse=True)  # count <= T
+    return approx.scaled_reciprocal(count, total, -1, hi_exp, ap.reciprocal_iterations, ap.guess_steps_per_octave,
+                                    coarse=True)  # count <= T
 
 
 def tanh(x, ap: Approximations):

@@ -141,3 +141,25 @@ def test_softmax_with_default_settings_matches_torch():
                                 ap.guess_steps_per_octave, ap.max_arity).get_plain_text()
     want = torch.softmax(s.masked_fill(m == 0, -1e9), -1)
     assert (got - want).abs().max().item() < 5e-3
+
+
+def test_mul_batch_mixed_shapes_and_squares_match_torch():
+    torch.manual_seed(3)
+    x, y, z = torch.randn(4, 6, 8) * 3, torch.randn(4, 6, 1), torch.randn(8)
+    ex, ey, ez = enc(x), enc(y), enc(z)
+    got = approx.mul_batch([(ex, ex), (ex, ey), (ex, ez), (ey, ey)])
+    for g, want in zip(got, [x * x, x * y, x * z, y * y]):
+        assert g.size() == want.size()
+        assert (g.get_plain_text() - want).abs().max().item() < 1e-3
+
+
+def test_scaled_newton_steps_match_the_product():
+    torch.manual_seed(4)
+    v = torch.logspace(math.log10(2e-3), math.log10(4000), 200).reshape(200, 1)
+    a = torch.randn(200, 16)
+    got = approx.scaled_inv_sqrt(enc(v), enc(a), -12, 14, 2, steps=4).get_plain_text()
+    want = a * v.rsqrt()
+    assert ((got - want).abs() / want.abs().clamp_min(1e-2))[v.squeeze(1) > 0.01].max().item() < 2e-2
+    t = torch.linspace(1, 128, 200).reshape(200, 1)
+    got = approx.scaled_reciprocal(enc(t), enc(a), -1, 8, 2, steps=4).get_plain_text()
+    assert (got - a / t).abs().max().item() < 2e-3

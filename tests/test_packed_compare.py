@@ -149,3 +149,21 @@ def test_group_max_with_truncated_lanes_has_one_winner_per_group():
         assert exact_err < 1e-3, out
         assert err < 2 * 2**-6 + 1e-3, out  # a winner within two truncation steps, never 0 or a sum
         assert rounds == exact_rounds - 4 and nbytes < 0.65 * exact_bytes, out  # 128 -> 32 -> 8 -> 2 -> 1: 1 round per level
+
+
+@crypten.mpc.run_multiprocess(world_size=2)
+def _mul_batch_world():
+    crypten.cfg.communicator.verbose = True
+    x, y = crypten.cryptensor(torch.randn(3, 5, 7)), crypten.cryptensor(torch.randn(3, 5, 1))
+    c = crypten.communicator.get()
+    c.reset_communication_stats()
+    approx.mul_batch([(x, x), (x, y), (y, y)])
+    batched = c.get_communication_stats()["rounds"]
+    c.reset_communication_stats()
+    x.square(), x * y, y.square()
+    return [batched, c.get_communication_stats()["rounds"]]
+
+
+def test_mul_batch_is_one_round():
+    for batched, separate in _in_fresh_world("_mul_batch_world"):
+        assert (batched, separate) == (1, 3)

@@ -118,17 +118,21 @@ def approx_causal_cat(a, b):
 
 
 def rms_norm(x, gamma, eps: float, ap: Approximations):
-    """x / sqrt(mean(x^2) + eps) * gamma. Cost: 1 round + inv_sqrt + 2 rounds."""
-    ms = x.square().mean(dim=-1, keepdim=True)
-    inv = approx.inv_sqrt(ms + eps, NORM_LO_EXP, NORM_HI_EXP, ap.inv_sqrt_iterations, ap.guess_steps_per_octave)
-    return (x * inv) * gamma
+    """x / sqrt(mean(x^2) + eps) * gamma. Cost: 1 round (x^2 and x gamma together) + C + 3 per
+    inv_sqrt iteration, the last folded into the product (:func:`mpc_lm.approx.scaled_inv_sqrt`)."""
+    squares, scaled = approx.mul_batch([(x, x), (x, gamma)])
+    ms = squares.mean(dim=-1, keepdim=True)
+    return approx.scaled_inv_sqrt(ms + eps, scaled, NORM_LO_EXP, NORM_HI_EXP, ap.inv_sqrt_iterations,
+                                  ap.guess_steps_per_octave)
 
 
 def layer_norm(x, gamma, beta, eps: float, ap: Approximations):
+    """(x - mean) / sqrt(var + eps) * gamma + beta; cost as :func:`rms_norm`."""
     centered = x - x.mean(dim=-1, keepdim=True)
-    var = centered.square().mean(dim=-1, keepdim=True)
-    inv = approx.inv_sqrt(var + eps, NORM_LO_EXP, NORM_HI_EXP, ap.inv_sqrt_iterations, ap.guess_steps_per_octave)
-    return (centered * inv) * gamma + beta
+    squares, scaled = approx.mul_batch([(centered, centered), (centered, gamma)])
+    var = squares.mean(dim=-1, keepdim=True)
+    return approx.scaled_inv_sqrt(var + eps, scaled, NORM_LO_EXP, NORM_HI_EXP, ap.inv_sqrt_iterations,
+                                  ap.guess_steps_per_octave) + beta
 
 
 def rope_tables(arch: CausalArch, start: int, length: int):
