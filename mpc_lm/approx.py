@@ -9,7 +9,7 @@ multiplication. ``C`` below stands for one comparison (CrypTen's ``_ltz``:
 arithmetic-to-binary conversion with a log-depth adder, about 7-8 rounds,
 and 64 binary AND triples per element). Error bounds are for exact
 arithmetic; 16-bit fixed point adds about 2^-16 per multiplication.
-Measured figures: docs/approximations.md; tests: tests/test_approx.py.
+Measured figures: docs/accuracy.md; tests: tests/test_approx.py.
 """
 
 from __future__ import annotations
@@ -110,10 +110,11 @@ def _lane_values(x, lane_bits: int, drop: int) -> torch.Tensor:
     return (plain >> drop) & ((1 << lane_bits) - 1) if lane_bits < 64 else plain
 
 
-def _ltz_of_lanes(values: torch.Tensor, lane_bits: int, like):
+def _ltz_of_lanes(values: torch.Tensor, lane_bits: int, like, binary: bool = False):
     """[v < 0] for v the lane-wise sum of both parties' ``values`` mod 2^lane_bits, read as signed:
     a Kogge-Stone adder on 64 / lane_bits lanes per word, then B2A. ``like``: an MPCTensor of the
-    same shape, cloned for the result."""
+    same shape, cloned for the result. ``binary=True``: the single-bit XOR shares before B2A
+    (a BinarySharedTensor), for :func:`bits_times`."""
     from crypten.mpc.primitives import BinarySharedTensor
     from crypten.mpc.primitives.beaver import B2A_single_bit
 
@@ -145,6 +146,8 @@ def _ltz_of_lanes(values: torch.Tensor, lane_bits: int, like):
     top = p0 ^ (g << 1)  # the top bit of each lane: sum bit = propagate xor carry-in
     bits = BinarySharedTensor.stack([(top >> (j * lane_bits + lane_bits - 1)) & 1 for j in range(lanes)])
     bits = bits.permute(1, 0).reshape(-1)[:n].reshape(size)
+    if binary:
+        return bits
     out = like.clone()
     out._tensor = B2A_single_bit(bits)
     out.encoder._scale = 1
@@ -188,6 +191,67 @@ def ge_many(x, thresholds, packed_ok: bool = True, coarse: bool = False):
     Cost: C on ``len(thresholds) * x.numel()`` elements, rounds of a single C.
     """
     return as_fixed(ge_bits(x, thresholds, packed_ok, coarse))
+
+
+def ge_binary(x, thresholds, coarse: bool = False):
+    """[x >= t] for each public t as single-bit XOR shares (BinarySharedTensor, shape (K, *x.shape)),
+    before any conversion, for :func:`bits_times`; None when :data:`COMPARISON` has no packed
+    circuit here (CrypTen's circuit or more than two parties): then use :func:`ge_many`."""
+    method = COMPARISON["method"]
+    if method not in ("packed32", "lanes16") or crypten.communicator.get().get_world_size() != 2:
+        return None
+    t = torch.tensor([float(v) for v in thresholds], device=x.device).view(-1, *([1] * x.dim()))
+    stacked = x.unsqueeze(0).expand(len(thresholds), *x.size()) - t
+    lane_bits, drop = (16, COARSE_DROP) if coarse and method == "lanes16" else (32, 0)
+    return _ltz_of_lanes(_lane_values(stacked, lane_bits, drop), lane_bits, stacked, binary=True) ^ 1
+
+
+def bits_times(pairs):
+    """b * v for single-bit XOR shares b (BinarySharedTensor) and secrets v of the same shape, all in
+    ONE round that also converts the bits: with (r_bin, r_arith) a random bit from the dealer, the
+    parties open z = b xor r and the masked operands of a Beaver product r * v together; then
+    b = z + r - 2 z r gives b v = z v + (1 - 2 z) (r v), locally. No truncation (b is 0/1).
+
+    Replaces B2A (1 round) followed by a product (1 round). z is opened as the parity of the sum of
+    the parties' bit shares, each plus twice a local random ring element (so what travels is
+    uniform on the ring), and everything travels in one ``all_reduce``.
+    """
+    from crypten.cuda import CUDALongTensor
+
+    def plain(t):
+        return t if torch.is_tensor(t) else t.tensor()
+
+    from crypten.common.rng import generate_random_ring_element
+
+    provider = crypten.mpc.get_default_provider()
+    parts, masked = [], []
+    for b, v in pairs:
+        r_arith, r_bin = provider.B2A_rng(b.size(), device=v.device)
+        a, bb, c = provider.generate_additive_triple(b.size(), v.size(), "mul", device=v.device)
+        parts.append((v, a, bb, c))
+        # this party's bit of z plus twice a fresh local random ring element: the sum over the
+        # parties is uniform on the ring and its parity is z
+        z = plain((b ^ r_bin).share)
+        noise = plain(generate_random_ring_element(z.size(), generator=crypten.generators["local"][z.device],
+                                                   device=z.device))
+        masked += [z + 2 * noise, plain(r_arith.share) - plain(a.share), plain(v._tensor.share) - plain(bb.share)]
+    flat = crypten.communicator.get().all_reduce(torch.cat([m.reshape(-1) for m in masked]))
+    opened, offset = [], 0
+    for m in masked:
+        opened.append(flat[offset : offset + m.numel()].view(m.size()))
+        offset += m.numel()
+    first = crypten.communicator.get().get_rank() == 0
+    out = []
+    for k, (v, a, bb, c) in enumerate(parts):
+        z, eps, dlt = opened[3 * k] & 1, opened[3 * k + 1], opened[3 * k + 2]
+        rv = plain(c.share) + eps * plain(bb.share) + plain(a.share) * dlt
+        if first:
+            rv = rv + eps * dlt
+        share = z * plain(v._tensor.share) + (1 - 2 * z) * rv
+        result = v.clone()
+        result._tensor.share = share if torch.is_tensor(v._tensor.share) else CUDALongTensor(share)
+        out.append(result)
+    return out
 
 
 def mul_many(pairs):
@@ -333,9 +397,14 @@ def gelu(x):
     Cost: one C on 2 elements per input, 1 round for x^2, 3 for the
     series, 1 for the selection: C + 5 rounds. Max error 1.7e-4 + fixed point.
     """
-    lo, hi = ge_many(x, [-GELU_BOUND, GELU_BOUND], coarse=True).unbind(0)  # [x >= -4], [x >= 4]
+    bits = ge_binary(x, [-GELU_BOUND, GELU_BOUND], coarse=True)  # [x >= -4], [x >= 4]
+    if bits is None:
+        lo, hi = ge_many(x, [-GELU_BOUND, GELU_BOUND], coarse=True).unbind(0)
     v = x.square() * (2 / GELU_BOUND**2) - 1
     inside = x * 0.5 + chebyshev(v, fit_even_odd("gelu", GELU_BOUND, GELU_DEGREE))
+    if bits is not None:  # lo inside + hi (x - inside), the bits converted in the same round
+        a, b = bits_times([(bits[0], inside), (bits[1], x - inside)])
+        return a + b
     middle = lo - hi
     a, b = mul_many([(middle, inside), (hi, x)])
     return a + b
@@ -346,10 +415,15 @@ def tanh(x):
 
     Fit error 4.3e-4; tail error 2.5e-4. Cost: C + 6 rounds.
     """
-    lo, hi = ge_many(x, [-TANH_BOUND, TANH_BOUND], coarse=True).unbind(0)
+    bits = ge_binary(x, [-TANH_BOUND, TANH_BOUND], coarse=True)
+    if bits is None:
+        lo, hi = ge_many(x, [-TANH_BOUND, TANH_BOUND], coarse=True).unbind(0)
     v = x.square() * (2 / TANH_BOUND**2) - 1
     inside = chebyshev(v, fit_even_odd("tanh", TANH_BOUND, TANH_DEGREE))
     inside = inside * (x * (1 / TANH_BOUND))
+    if bits is not None:  # lo (inside + 1) + hi (1 - inside) - 1, the bits converted in the same round
+        a, b = bits_times([(bits[0], inside + 1), (bits[1], 1 - inside)])
+        return a + b - 1
     middle = lo - hi
     # outside: +1 where x >= 4.5 (hi), -1 where x < -4.5 (1 - lo)
     (a,) = mul_many([(middle, inside)])
@@ -357,7 +431,10 @@ def tanh(x):
 
 
 def relu(x):
-    """max(x, 0) exactly. Cost: C + 1 round."""
+    """max(x, 0) exactly. Cost: C + 1 round (C with the bit's conversion, packed comparisons)."""
+    bits = ge_binary(x, [0.0])
+    if bits is not None:
+        return bits_times([(bits[0], x)])[0]
     return x * as_fixed(ge0(x))
 
 
@@ -399,7 +476,8 @@ def row_max(x, arity: int = 2):
             half = n // 2
             a, b = x[..., :half], x[..., half : 2 * half]
             diff = a - b
-            m = b + diff * as_fixed(ge0(diff, coarse=True))  # picks a or b: a flip costs < 2^-6
+            bits = ge_binary(diff, [0.0], coarse=True)  # picks a or b: a flip costs < 2^-6
+            m = b + (bits_times([(bits[0], diff)])[0] if bits is not None else diff * as_fixed(ge0(diff, coarse=True)))
             x = crypten.cat([m, x[..., 2 * half :]], dim=-1) if n % 2 else m
             continue
         groups = n // 4

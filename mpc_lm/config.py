@@ -104,7 +104,7 @@ class ModelSpec(_Strict):
 
 
 class Approximations(_Strict):
-    """Non-linear functions under MPC; each is documented in docs/approximations.md."""
+    """Non-linear functions under MPC; each is documented in docs/accuracy.md."""
 
     precision_bits: int = Field(16, ge=8, le=24)
     gelu: Literal["poly", "erf", "sigmoid"] = "poly"

@@ -16,7 +16,7 @@ from .config import Approximations
 
 # LayerNorm variance range covered by the inverse square root's first guess:
 # measured on all-MiniLM-L6-v2 and BERT-base, LayerNorm inputs have
-# variances between 0.002 and 130 (docs/approximations.md).
+# variances between 0.002 and 130 (docs/accuracy.md).
 VAR_LO_EXP, VAR_HI_EXP = -12, 14
 
 # ``Approximations.mode == "crypten"`` (the benchmark's stock-CrypTen baseline)

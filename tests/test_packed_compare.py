@@ -167,3 +167,36 @@ def _mul_batch_world():
 def test_mul_batch_is_one_round():
     for batched, separate in _in_fresh_world("_mul_batch_world"):
         assert (batched, separate) == (1, 3)
+
+
+@crypten.mpc.run_multiprocess(world_size=2)
+def _select_world():
+    """GELU, tanh and ReLU with their comparison bits converted inside the selecting product
+    (approx.bits_times), against the same functions with a separate conversion round."""
+    crypten.cfg.communicator.verbose = True
+    x = torch.cat([torch.linspace(-12, 12, 2001), torch.tensor([-4.0, 4.0, -4.5, 4.5, 0.0, 2**-16])])
+    enc = crypten.cryptensor(x)
+    out = {}
+    for method in ("lanes16", "crypten"):
+        approx.COMPARISON["method"] = method
+        row = {}
+        for name, fn, ref in (("gelu", approx.gelu, torch.nn.functional.gelu), ("tanh", approx.tanh, torch.tanh),
+                              ("relu", approx.relu, torch.relu)):
+            c = crypten.communicator.get()
+            c.reset_communication_stats()
+            got = fn(enc).get_plain_text()
+            row[name] = [float((got - ref(x)).abs().max()), c.get_communication_stats()["rounds"]]
+        out[method] = row
+    return out
+
+
+def test_bits_converted_inside_the_selecting_product():
+    for out in _in_fresh_world("_select_world"):
+        fused, separate = out["lanes16"], out["crypten"]
+        # tanh: a truncated comparison may read x in [4.5, 4.5 + 2^-6) as inside, where the
+        # polynomial is just past its fitted range (1.1e-3 measured; exact comparisons: 5e-4)
+        assert fused["gelu"][0] < 3e-4 and fused["tanh"][0] < 2e-3 and fused["relu"][0] < 2**-15, out
+        # rounds (each + 1 for the reveal): CrypTen's circuit C (8, with B2A) + 1 product;
+        # packed/lanes: the B2A rides on the product, so C - 1 + 1
+        assert fused["relu"][1] == 8 and separate["relu"][1] == 10, out
+        assert fused["gelu"][1] == 11 and fused["tanh"][1] == 13, out
