@@ -110,13 +110,15 @@ def _lane_values(x, lane_bits: int, drop: int) -> torch.Tensor:
     return (plain >> drop) & ((1 << lane_bits) - 1) if lane_bits < 64 else plain
 
 
-def _ltz_of_lanes(values: torch.Tensor, lane_bits: int, like, binary: bool = False):
-    """[v < 0] for v the lane-wise sum of both parties' ``values`` mod 2^lane_bits, read as signed:
-    a Kogge-Stone adder on 64 / lane_bits lanes per word, then B2A. ``like``: an MPCTensor of the
-    same shape, cloned for the result. ``binary=True``: the single-bit XOR shares before B2A
-    (a BinarySharedTensor), for :func:`bits_times`."""
+def _lane_adder(values: torch.Tensor, lane_bits: int):
+    """Protocol (for :func:`lockstep`): the top bit of each lane of the sum of both parties' ``values``
+    mod 2^lane_bits, as single-bit XOR shares (a BinarySharedTensor of ``values``' shape).
+
+    A Kogge-Stone adder on 64 / lane_bits lanes per word: one AND round for the generate bits,
+    then log2(lane_bits) rounds with the propagate and generate ANDs batched (the last one only
+    the generate bits).
+    """
     from crypten.mpc.primitives import BinarySharedTensor
-    from crypten.mpc.primitives.beaver import B2A_single_bit
 
     lanes = 64 // lane_bits
     rank = crypten.communicator.get().get_rank()
@@ -133,19 +135,30 @@ def _ltz_of_lanes(values: torch.Tensor, lane_bits: int, like, binary: bool = Fal
     theirs = BinarySharedTensor.from_shares(word if rank == 1 else zero)
     p0 = mine ^ theirs  # propagate bits: local
     p = p0
-    g = mine & theirs  # generate bits: 1 round
+    (g,) = yield [("and", mine, theirs)]  # generate bits
     shifts = [1 << i for i in range(lane_bits.bit_length() - 1)]  # 1, 2, ..., lane_bits / 2
     for i, k in enumerate(shifts):
         mask = torch.tensor(_lane_mask(k, lane_bits), dtype=torch.long, device=word.device)
         g_shift = (g << k) & mask
         if i == len(shifts) - 1:  # the last level needs only the generate bits
-            g = g ^ (p & g_shift)
+            (pg,) = yield [("and", p, g_shift)]
+            g = g ^ pg
         else:
-            both = BinarySharedTensor.stack([p, p]) & BinarySharedTensor.stack([g_shift, (p << k) & mask])
+            (both,) = yield [("and", BinarySharedTensor.stack([p, p]),
+                              BinarySharedTensor.stack([g_shift, (p << k) & mask]))]
             g, p = g ^ both[0], both[1]
     top = p0 ^ (g << 1)  # the top bit of each lane: sum bit = propagate xor carry-in
     bits = BinarySharedTensor.stack([(top >> (j * lane_bits + lane_bits - 1)) & 1 for j in range(lanes)])
-    bits = bits.permute(1, 0).reshape(-1)[:n].reshape(size)
+    return bits.permute(1, 0).reshape(-1)[:n].reshape(size)
+
+
+def _ltz_of_lanes(values: torch.Tensor, lane_bits: int, like, binary: bool = False):
+    """[v < 0] for v the lane-wise sum of both parties' ``values`` mod 2^lane_bits, read as signed:
+    :func:`_lane_adder`, then B2A. ``like``: an MPCTensor of the same shape, cloned for the
+    result. ``binary=True``: the single-bit XOR shares before B2A, for :func:`bits_times`."""
+    from crypten.mpc.primitives.beaver import B2A_single_bit
+
+    (bits,) = lockstep(_lane_adder(values, lane_bits))
     if binary:
         return bits
     out = like.clone()
@@ -193,65 +206,25 @@ def ge_many(x, thresholds, packed_ok: bool = True, coarse: bool = False):
     return as_fixed(ge_bits(x, thresholds, packed_ok, coarse))
 
 
-def ge_binary(x, thresholds, coarse: bool = False):
-    """[x >= t] for each public t as single-bit XOR shares (BinarySharedTensor, shape (K, *x.shape)),
-    before any conversion, for :func:`bits_times`; None when :data:`COMPARISON` has no packed
-    circuit here (CrypTen's circuit or more than two parties): then use :func:`ge_many`."""
+def _ge_protocol(x, thresholds, coarse: bool = False):
+    """A :func:`lockstep` protocol for [x < t] for each public t as single-bit XOR shares (shape
+    (K, *x.shape); flip with ``^ 1`` for [x >= t]), or None when :data:`COMPARISON` has no packed
+    circuit here (CrypTen's circuit or more than two parties)."""
     method = COMPARISON["method"]
     if method not in ("packed32", "lanes16") or crypten.communicator.get().get_world_size() != 2:
         return None
     t = torch.tensor([float(v) for v in thresholds], device=x.device).view(-1, *([1] * x.dim()))
     stacked = x.unsqueeze(0).expand(len(thresholds), *x.size()) - t
     lane_bits, drop = (16, COARSE_DROP) if coarse and method == "lanes16" else (32, 0)
-    return _ltz_of_lanes(_lane_values(stacked, lane_bits, drop), lane_bits, stacked, binary=True) ^ 1
+    return _lane_adder(_lane_values(stacked, lane_bits, drop), lane_bits)
 
 
-def bits_times(pairs):
-    """b * v for single-bit XOR shares b (BinarySharedTensor) and secrets v of the same shape, all in
-    ONE round that also converts the bits: with (r_bin, r_arith) a random bit from the dealer, the
-    parties open z = b xor r and the masked operands of a Beaver product r * v together; then
-    b = z + r - 2 z r gives b v = z v + (1 - 2 z) (r v), locally. No truncation (b is 0/1).
-
-    Replaces B2A (1 round) followed by a product (1 round). z is opened as the parity of the sum of
-    the parties' bit shares, each plus twice a local random ring element (so what travels is
-    uniform on the ring), and everything travels in one ``all_reduce``.
-    """
-    from crypten.cuda import CUDALongTensor
-
-    def plain(t):
-        return t if torch.is_tensor(t) else t.tensor()
-
-    from crypten.common.rng import generate_random_ring_element
-
-    provider = crypten.mpc.get_default_provider()
-    parts, masked = [], []
-    for b, v in pairs:
-        r_arith, r_bin = provider.B2A_rng(b.size(), device=v.device)
-        a, bb, c = provider.generate_additive_triple(b.size(), v.size(), "mul", device=v.device)
-        parts.append((v, a, bb, c))
-        # this party's bit of z plus twice a fresh local random ring element: the sum over the
-        # parties is uniform on the ring and its parity is z
-        z = plain((b ^ r_bin).share)
-        noise = plain(generate_random_ring_element(z.size(), generator=crypten.generators["local"][z.device],
-                                                   device=z.device))
-        masked += [z + 2 * noise, plain(r_arith.share) - plain(a.share), plain(v._tensor.share) - plain(bb.share)]
-    flat = crypten.communicator.get().all_reduce(torch.cat([m.reshape(-1) for m in masked]))
-    opened, offset = [], 0
-    for m in masked:
-        opened.append(flat[offset : offset + m.numel()].view(m.size()))
-        offset += m.numel()
-    first = crypten.communicator.get().get_rank() == 0
-    out = []
-    for k, (v, a, bb, c) in enumerate(parts):
-        z, eps, dlt = opened[3 * k] & 1, opened[3 * k + 1], opened[3 * k + 2]
-        rv = plain(c.share) + eps * plain(bb.share) + plain(a.share) * dlt
-        if first:
-            rv = rv + eps * dlt
-        share = z * plain(v._tensor.share) + (1 - 2 * z) * rv
-        result = v.clone()
-        result._tensor.share = share if torch.is_tensor(v._tensor.share) else CUDALongTensor(share)
-        out.append(result)
-    return out
+def ge_binary(x, thresholds, coarse: bool = False):
+    """[x >= t] for each public t as single-bit XOR shares (BinarySharedTensor, shape (K, *x.shape)),
+    before any conversion, for :func:`bits_times`; None when :data:`COMPARISON` has no packed
+    circuit here (CrypTen's circuit or more than two parties): then use :func:`ge_many`."""
+    protocol = _ge_protocol(x, thresholds, coarse)
+    return None if protocol is None else lockstep(protocol)[0] ^ 1
 
 
 def mul_many(pairs):
@@ -264,53 +237,114 @@ def mul_many(pairs):
     return list((left * right).unbind(0))
 
 
-def mul_batch(pairs):
-    """x * y for several independent pairs of any shapes (broadcasting as ``*``), in ONE round.
+def _plain(t):
+    """A plain torch tensor (CrypTen wraps GPU ring tensors in CUDALongTensor)."""
+    return t if torch.is_tensor(t) else t.tensor()
 
-    Each pair gets its own Beaver triple; all masked operands of all pairs are opened in a
-    single ``all_reduce``, then each product is recombined and truncated like CrypTen's
-    ``mul``; a pair ``(x, x)`` is a square (one opening, CrypTen's ``square`` randomness).
-    Use it for products that do not depend on each other but differ in shape
-    (:func:`mul_many` needs equal shapes).
-    """
-    if len(pairs) == 1:
-        x, y = pairs[0]
-        return [x * y]
+
+def _like(template, share):
+    """``share`` wrapped as CrypTen keeps ``template``'s shares (CUDALongTensor on the GPU)."""
     from crypten.cuda import CUDALongTensor
 
-    def plain(t):
-        return t if torch.is_tensor(t) else t.tensor()
+    return share if torch.is_tensor(template) else CUDALongTensor(share)
+
+
+def merged_round(requests):
+    """Several independent secure operations whose openings travel in ONE ``all_reduce``.
+
+    Each request is one of:
+
+    * ``("mul", x, y)``: x * y of two MPCTensors (any shapes, broadcasting as ``*``; ``y is x``
+      is a square: one opening, CrypTen's square pair); recombined and truncated like CrypTen's
+      ``mul``;
+    * ``("and", x, y)``: x & y of two BinarySharedTensors (two parties only: the XOR of the
+      masked words is read from their sum, which for two parties tells each party the other's
+      masked word, as an XOR opening does);
+    * ``("bit_mul", b, v)``: b * v for single-bit XOR shares b and an MPCTensor v of the same
+      shape, the bit's conversion included: with (r_bin, r_arith) a dealer bit, z = b xor r is
+      opened (as the parity of the sum of each party's bit plus twice a local random ring
+      element, so what travels is uniform) together with the Beaver product r * v, and
+      b v = z v + (1 - 2 z)(r v). No truncation (b is 0/1).
+
+    Returns the results in order (MPCTensor, BinarySharedTensor, MPCTensor).
+    """
+    from crypten.common.rng import generate_random_ring_element
 
     provider = crypten.mpc.get_default_provider()
-    triples, masked = [], []
-    for x, y in pairs:
-        if y is x:  # a square: one mask r, r^2 from the dealer, one opening
+    c = crypten.communicator.get()
+    first = c.get_rank() == 0
+    dealt, masked = [], []
+    for kind, x, y in requests:
+        if kind == "mul" and y is x:
             r, r2 = provider.square(x.size(), device=x.device)
-            triples.append((r, r2))
-            masked.append(plain(x._tensor.share) - plain(r.share))
+            dealt.append((r, r2))
+            masked.append(_plain(x._tensor.share) - _plain(r.share))
+        elif kind == "mul":
+            a, b, cc = provider.generate_additive_triple(x.size(), y.size(), "mul", device=x.device)
+            dealt.append((a, b, cc))
+            masked += [_plain(x._tensor.share) - _plain(a.share), _plain(y._tensor.share) - _plain(b.share)]
+        elif kind == "and":
+            if c.get_world_size() != 2:
+                raise ValueError("merged binary ANDs need exactly two computing parties")
+            a, b, cc = provider.generate_binary_triple(x.size(), y.size(), device=x.device)
+            dealt.append((a, b, cc))
+            masked += [_plain((x ^ a).share), _plain((y ^ b).share)]
+        elif kind == "bit_mul":
+            r_arith, r_bin = provider.B2A_rng(x.size(), device=y.device)
+            a, b, cc = provider.generate_additive_triple(x.size(), y.size(), "mul", device=y.device)
+            dealt.append((a, b, cc))
+            z = _plain((x ^ r_bin).share)
+            noise = _plain(generate_random_ring_element(z.size(), generator=crypten.generators["local"][z.device],
+                                                        device=z.device))
+            masked += [z + 2 * noise, _plain(r_arith.share) - _plain(a.share), _plain(y._tensor.share) - _plain(b.share)]
         else:
-            a, b, c = provider.generate_additive_triple(x.size(), y.size(), "mul", device=x.device)
-            triples.append((a, b, c))
-            masked += [plain(x._tensor.share) - plain(a.share), plain(y._tensor.share) - plain(b.share)]
-    flat = crypten.communicator.get().all_reduce(torch.cat([m.reshape(-1) for m in masked]))
+            raise ValueError(f"unknown merged request {kind!r}")
+    flat = c.all_reduce(torch.cat([m.reshape(-1) for m in masked]))
     opened, offset = [], 0
     for m in masked:
         opened.append(flat[offset : offset + m.numel()].view(m.size()))
         offset += m.numel()
-    out, first = [], crypten.communicator.get().get_rank() == 0
-    for (x, y), triple in zip(pairs, triples):
+    mine = list(masked)
+    out = []
+    for (kind, x, y), rnd in zip(requests, dealt):
+        if kind == "and":
+            e, d = opened.pop(0), opened.pop(0)
+            me, md = mine.pop(0), mine.pop(0)
+            e, d = me ^ (e - me), md ^ (d - md)  # the other party's masked word is sum - mine
+            a, b, cc = rnd
+            z = _plain(cc.share) ^ (e & _plain(b.share)) ^ (_plain(a.share) & d)
+            if first:
+                z = z ^ (e & d)
+            result = cc.shallow_copy() if hasattr(cc, "shallow_copy") else cc.clone()
+            result.share = _like(cc.share, z)
+            out.append(result)
+            continue
+        if kind == "bit_mul":
+            zsum, eps, dlt = opened.pop(0), opened.pop(0), opened.pop(0)
+            del mine[:3]
+            a, b, cc = rnd
+            zbit = zsum & 1
+            rv = _plain(cc.share) + eps * _plain(b.share) + _plain(a.share) * dlt
+            if first:
+                rv = rv + eps * dlt
+            result = y.clone()
+            result._tensor.share = _like(y._tensor.share, zbit * _plain(y._tensor.share) + (1 - 2 * zbit) * rv)
+            out.append(result)
+            continue
         if y is x:  # x^2 = r^2 + 2 eps r + eps^2
-            (r, r2), eps = triple, opened.pop(0)
-            z = plain(r2.share) + 2 * eps * plain(r.share)
+            (r, r2), eps = rnd, opened.pop(0)
+            del mine[:1]
+            z = _plain(r2.share) + 2 * eps * _plain(r.share)
             if first:
                 z = z + eps * eps
         else:  # x y = c + eps b + a dlt + eps dlt
-            (a, b, c), eps, dlt = triple, opened.pop(0), opened.pop(0)
-            z = plain(c.share) + eps * plain(b.share) + plain(a.share) * dlt
+            (a, b, cc), eps, dlt = rnd, opened.pop(0), opened.pop(0)
+            del mine[:2]
+            z = _plain(cc.share) + eps * _plain(b.share) + _plain(a.share) * dlt
             if first:
                 z = z + eps * dlt
         result = x._tensor.shallow_copy()
-        result.share = z if torch.is_tensor(x._tensor.share) else CUDALongTensor(z)
+        result.share = _like(x._tensor.share, z)
         xs, ys = x._tensor.encoder.scale, y._tensor.encoder.scale
         if xs > 1 and ys > 1:
             result.encoder = x._tensor.encoder
@@ -323,7 +357,62 @@ def mul_batch(pairs):
     return out
 
 
+def lockstep(*protocols):
+    """Run generator protocols side by side: each yields a list of :func:`merged_round` requests and
+    receives their results; every round, the requests of all protocols still running are opened
+    together. Returns each protocol's return value. Rounds: the longest protocol's."""
+    results = [None] * len(protocols)
+    pending = {}
+    for i, gen in enumerate(protocols):
+        try:
+            pending[i] = next(gen)
+        except StopIteration as done:
+            results[i] = done.value
+    while pending:
+        order = list(pending)
+        answers = merged_round([req for i in order for req in pending[i]])
+        for i in order:
+            mine, answers = answers[: len(pending[i])], answers[len(pending[i]) :]
+            try:
+                pending[i] = protocols[i].send(mine)
+            except StopIteration as done:
+                results[i] = done.value
+                del pending[i]
+    return results
+
+
+def mul_batch(pairs):
+    """x * y for several independent pairs of any shapes (broadcasting as ``*``), in ONE round
+    (:func:`merged_round`; a pair ``(x, x)`` is a square)."""
+    if len(pairs) == 1:
+        x, y = pairs[0]
+        return [x * y]
+    return merged_round([("mul", x, y) for x, y in pairs])
+
+
+def bits_times(pairs):
+    """b * v for single-bit XOR shares b (BinarySharedTensor) and secrets v of the same shape, in ONE
+    round that also converts the bits (``bit_mul`` of :func:`merged_round`). Replaces B2A (1 round)
+    followed by a product (1 round), with the same bytes."""
+    return merged_round([("bit_mul", b, v) for b, v in pairs])
+
+
 # ---------------------------------------------------------------- polynomials
+
+
+def _chebyshev_protocol(v, degree: int):
+    """:func:`chebyshev_basis` as a :func:`lockstep` protocol (one request per level)."""
+    T = {1: v}
+    known = 1
+    while known < degree:
+        todo = list(range(known + 1, min(2 * known, degree) + 1))
+        left = crypten.stack([T[(k + 1) // 2] for k in todo])
+        right = crypten.stack([T[k // 2] for k in todo])
+        (products,) = yield [("mul", left, right)]
+        for k, p in zip(todo, products.unbind(0)):
+            T[k] = p * 2 - 1 if k % 2 == 0 else p * 2 - v
+        known = todo[-1]
+    return T
 
 
 def chebyshev_basis(v, degree: int) -> dict:
@@ -333,15 +422,7 @@ def chebyshev_basis(v, degree: int) -> dict:
     ceil(log2 d) rounds. Values of T_k stay in [-1, 1], so fixed-point error does
     not blow up the way monomials with large alternating coefficients do.
     """
-    T = {1: v}
-    known = 1
-    while known < degree:
-        todo = list(range(known + 1, min(2 * known, degree) + 1))
-        products = mul_many([(T[(k + 1) // 2], T[k // 2]) for k in todo])
-        for k, p in zip(todo, products):
-            T[k] = p * 2 - 1 if k % 2 == 0 else p * 2 - v
-        known = todo[-1]
-    return T
+    return lockstep(_chebyshev_protocol(v, degree))[0]
 
 
 def chebyshev_series(T: dict, v, coeffs):
@@ -389,22 +470,42 @@ GELU_BOUND, GELU_DEGREE = 4.0, 8
 TANH_BOUND, TANH_DEGREE = 4.5, 10
 
 
+def _gelu_inside(x):
+    """x/2 + P(2 (x/4)^2 - 1), GELU's middle piece, as a :func:`lockstep` protocol (4 rounds)."""
+    (square,) = yield [("mul", x, x)]
+    v = square * (2 / GELU_BOUND**2) - 1
+    T = yield from _chebyshev_protocol(v, GELU_DEGREE)
+    return x * 0.5 + chebyshev_series(T, v, fit_even_odd("gelu", GELU_BOUND, GELU_DEGREE))
+
+
+def _tanh_inside(x):
+    """tanh's odd polynomial on [-4.5, 4.5] as a :func:`lockstep` protocol (6 rounds)."""
+    (square,) = yield [("mul", x, x)]
+    v = square * (2 / TANH_BOUND**2) - 1
+    T = yield from _chebyshev_protocol(v, TANH_DEGREE)
+    inside = chebyshev_series(T, v, fit_even_odd("tanh", TANH_BOUND, TANH_DEGREE))
+    (scaled,) = yield [("mul", inside, x * (1 / TANH_BOUND))]
+    return scaled
+
+
 def gelu(x):
     """GELU(x) = x * Phi(x), piecewise: 0 below -4, x above 4, polynomial between.
 
     Inside: x/2 + P(v), P a degree-8 Chebyshev series in v = 2(x/4)^2 - 1
     (fit error 3.5e-5); outside, |GELU(x) - piece| <= 1.3e-4 (at |x| = 4).
-    Cost: one C on 2 elements per input, 1 round for x^2, 3 for the
-    series, 1 for the selection: C + 5 rounds. Max error 1.7e-4 + fixed point.
+    Cost: with packed comparisons (two parties), the comparison's adder (5 rounds) and the
+    polynomial (4 rounds) run side by side (:func:`lockstep`), then one round selects and
+    converts the bits (:func:`bits_times`): 6 rounds. Otherwise C + 5.
+    Max error 1.7e-4 + fixed point (and a flip just above -4 or 4 with truncated lanes).
     """
-    bits = ge_binary(x, [-GELU_BOUND, GELU_BOUND], coarse=True)  # [x >= -4], [x >= 4]
-    if bits is None:
-        lo, hi = ge_many(x, [-GELU_BOUND, GELU_BOUND], coarse=True).unbind(0)
-    v = x.square() * (2 / GELU_BOUND**2) - 1
-    inside = x * 0.5 + chebyshev(v, fit_even_odd("gelu", GELU_BOUND, GELU_DEGREE))
-    if bits is not None:  # lo inside + hi (x - inside), the bits converted in the same round
+    protocol = _ge_protocol(x, [-GELU_BOUND, GELU_BOUND], coarse=True)  # [x < -4], [x < 4]
+    if protocol is not None:  # lo inside + hi (x - inside)
+        below, inside = lockstep(protocol, _gelu_inside(x))
+        bits = below ^ 1
         a, b = bits_times([(bits[0], inside), (bits[1], x - inside)])
         return a + b
+    lo, hi = ge_many(x, [-GELU_BOUND, GELU_BOUND], coarse=True).unbind(0)
+    (inside,) = lockstep(_gelu_inside(x))
     middle = lo - hi
     a, b = mul_many([(middle, inside), (hi, x)])
     return a + b
@@ -413,17 +514,17 @@ def gelu(x):
 def tanh(x):
     """tanh(x): sign(x) beyond 4.5, odd degree-21 polynomial inside.
 
-    Fit error 4.3e-4; tail error 2.5e-4. Cost: C + 6 rounds.
+    Fit error 4.3e-4; tail error 2.5e-4. Cost: with packed comparisons, adder and polynomial
+    side by side (6 rounds) + 1 selecting round: 7. Otherwise C + 6.
     """
-    bits = ge_binary(x, [-TANH_BOUND, TANH_BOUND], coarse=True)
-    if bits is None:
-        lo, hi = ge_many(x, [-TANH_BOUND, TANH_BOUND], coarse=True).unbind(0)
-    v = x.square() * (2 / TANH_BOUND**2) - 1
-    inside = chebyshev(v, fit_even_odd("tanh", TANH_BOUND, TANH_DEGREE))
-    inside = inside * (x * (1 / TANH_BOUND))
-    if bits is not None:  # lo (inside + 1) + hi (1 - inside) - 1, the bits converted in the same round
+    protocol = _ge_protocol(x, [-TANH_BOUND, TANH_BOUND], coarse=True)
+    if protocol is not None:  # lo (inside + 1) + hi (1 - inside) - 1
+        below, inside = lockstep(protocol, _tanh_inside(x))
+        bits = below ^ 1
         a, b = bits_times([(bits[0], inside + 1), (bits[1], 1 - inside)])
         return a + b - 1
+    lo, hi = ge_many(x, [-TANH_BOUND, TANH_BOUND], coarse=True).unbind(0)
+    (inside,) = lockstep(_tanh_inside(x))
     middle = lo - hi
     # outside: +1 where x >= 4.5 (hi), -1 where x < -4.5 (1 - lo)
     (a,) = mul_many([(middle, inside)])
@@ -485,6 +586,24 @@ def row_max(x, arity: int = 2):
         g = head.reshape(*head.size()[:-1], groups, 4)
         cols = [g[..., i] for i in range(4)]
         pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+        bits = _group_ge_binary(cols, pairs)
+        if bits is not None:
+            # [x_j > x_i] = [x_i >= x_j] xor 1; round 1: f1 & f2 (binary) and f3 x_i (the bit
+            # converted inside the product); round 2: (f1 f2) (f3 x_i), the bit converted again
+            ind = {}
+            for (i, j), bit in zip(pairs, bits.unbind(0)):
+                ind[(i, j)], ind[(j, i)] = bit, bit ^ 1
+            factors = [[ind[(i, j)] for j in range(4) if j != i] for i in range(4)]
+            from crypten.mpc.primitives import BinarySharedTensor
+
+            f1 = BinarySharedTensor.stack([f[0] for f in factors])
+            f2 = BinarySharedTensor.stack([f[1] for f in factors])
+            f3 = BinarySharedTensor.stack([f[2] for f in factors])
+            both, picked = merged_round([("and", f1, f2), ("bit_mul", f3, crypten.stack(cols))])
+            (m,) = bits_times([(both, picked)])
+            m = m.sum(dim=0)
+            x = crypten.cat([m, rest], dim=-1) if rest.size(-1) else m
+            continue
         ge = as_fixed(_group_ge(cols, pairs)).unbind(0)
         ind = {}
         for (i, j), bit in zip(pairs, ge):
@@ -517,6 +636,22 @@ def _group_ge(cols, pairs):
         values = torch.stack([(t[i] - t[j]) & 0xFFFF for i, j in pairs])
         return 1 - _ltz_of_lanes(values, 16, diffs)
     return ge0(diffs)
+
+
+def _group_ge_binary(cols, pairs):
+    """:func:`_group_ge` as single-bit XOR shares (before conversion), stacked (len(pairs), ...), for
+    two parties with packed or truncated comparisons; None otherwise."""
+    method = COMPARISON["method"]
+    if method not in ("packed32", "lanes16") or crypten.communicator.get().get_world_size() != 2:
+        return None
+    if method == "lanes16":  # consistent: each element truncated once (see _group_ge)
+        t = [_lane_values(c, 16, COARSE_DROP) for c in cols]
+        values = torch.stack([(t[i] - t[j]) & 0xFFFF for i, j in pairs])
+        (below,) = lockstep(_lane_adder(values, 16))
+    else:
+        diffs = crypten.stack([cols[i] - cols[j] for i, j in pairs])
+        (below,) = lockstep(_lane_adder(_lane_values(diffs, 32, 0), 32))
+    return below ^ 1
 
 
 # ---------------------------------------------------------------- reciprocal, inverse sqrt

@@ -37,9 +37,22 @@ def _check(run, tol=TOL):
 BUDGET = json.loads((Path(__file__).parent / "budgets.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, tiny_models):
+    """``default_run(family)``: the default-config run of a tiny model, launched once per module."""
+    runs: dict = {}
+
+    def get(family):
+        if family not in runs:
+            runs[family] = launch(write_config(tmp_path_factory.mktemp(family), tiny_models[family]))
+        return runs[family]
+
+    return get
+
+
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
-def test_sequence_classification_matches_plaintext(tmp_path, tiny_models, family):
-    run = launch(write_config(tmp_path, tiny_models[family]))
+def test_sequence_classification_matches_plaintext(default_run, family):
+    run = default_run(family)
     summary = _check(run)
     cost = summary["inference"]["hospital"]
     measured = {
@@ -56,14 +69,15 @@ def test_sequence_classification_matches_plaintext(tmp_path, tiny_models, family
     assert "logits" not in json.dumps(run.results["vendor"])
 
 
-def test_weight_masks_open_each_weight_once_per_model(tmp_path, tiny_models):
+def test_weight_masks_open_each_weight_once_per_model(tmp_path, tiny_models, default_run):
     """preprocessing.weight_masks (mpc_lm/premask.py): a forward sends exactly the weights'
     openings less (8 bytes per weight entry), in the same rounds, with the same fidelity."""
     runs = {}
     for masks in (True, False):
-        (tmp_path / str(masks)).mkdir()
-        run = launch(write_config(tmp_path / str(masks), tiny_models["bert"],
-                                  preprocessing={"weight_masks": masks}))
+        if masks:
+            run = default_run("bert")
+        else:
+            run = launch(write_config(tmp_path, tiny_models["bert"], preprocessing={"weight_masks": False}))
         cost = _check(run)["inference"]["hospital"]
         runs[masks] = (cost["rounds"], max(p["online_bytes_sent"] for p in cost["per_party"].values()),
                        run.results["hospital"]["weight_masks"])

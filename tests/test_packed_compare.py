@@ -172,7 +172,8 @@ def test_mul_batch_is_one_round():
 @crypten.mpc.run_multiprocess(world_size=2)
 def _select_world():
     """GELU, tanh and ReLU with their comparison bits converted inside the selecting product
-    (approx.bits_times), against the same functions with a separate conversion round."""
+    (approx.bits_times) and, for GELU and tanh, the comparison beside the polynomial
+    (approx.lockstep), against CrypTen's comparison circuit with separate rounds."""
     crypten.cfg.communicator.verbose = True
     x = torch.cat([torch.linspace(-12, 12, 2001), torch.tensor([-4.0, 4.0, -4.5, 4.5, 0.0, 2**-16])])
     enc = crypten.cryptensor(x)
@@ -196,7 +197,9 @@ def test_bits_converted_inside_the_selecting_product():
         # tanh: a truncated comparison may read x in [4.5, 4.5 + 2^-6) as inside, where the
         # polynomial is just past its fitted range (1.1e-3 measured; exact comparisons: 5e-4)
         assert fused["gelu"][0] < 3e-4 and fused["tanh"][0] < 2e-3 and fused["relu"][0] < 2**-15, out
-        # rounds (each + 1 for the reveal): CrypTen's circuit C (8, with B2A) + 1 product;
-        # packed/lanes: the B2A rides on the product, so C - 1 + 1
+        # rounds (each + 1 for the reveal): CrypTen's circuit C (9, with B2A) + 1 product;
+        # packed/lanes: the B2A rides on the product, so C - 1 + 1; GELU and tanh run the
+        # adder (5 rounds) beside their polynomial (4 and 6 rounds), then select: 6 and 7
         assert fused["relu"][1] == 8 and separate["relu"][1] == 10, out
-        assert fused["gelu"][1] == 11 and fused["tanh"][1] == 13, out
+        assert fused["gelu"][1] == 7 and fused["tanh"][1] == 8, out
+        assert separate["gelu"][1] == 14 and separate["tanh"][1] == 16, out
