@@ -152,15 +152,12 @@ def _lane_adder(values: torch.Tensor, lane_bits: int):
     return bits.permute(1, 0).reshape(-1)[:n].reshape(size)
 
 
-def _ltz_of_lanes(values: torch.Tensor, lane_bits: int, like, binary: bool = False):
+def _ltz_of_lanes(values: torch.Tensor, lane_bits: int, like):
     """[v < 0] for v the lane-wise sum of both parties' ``values`` mod 2^lane_bits, read as signed:
-    :func:`_lane_adder`, then B2A. ``like``: an MPCTensor of the same shape, cloned for the
-    result. ``binary=True``: the single-bit XOR shares before B2A, for :func:`bits_times`."""
+    :func:`_lane_adder`, then B2A. ``like``: an MPCTensor of the same shape, cloned for the result."""
     from crypten.mpc.primitives.beaver import B2A_single_bit
 
     (bits,) = lockstep(_lane_adder(values, lane_bits))
-    if binary:
-        return bits
     out = like.clone()
     out._tensor = B2A_single_bit(bits)
     out.encoder._scale = 1
@@ -567,7 +564,7 @@ def row_max(x, arity: int = 2):
     indicators and its value in 2 rounds: C + 2 rounds per level, ceil(log4 n)
     levels (a last pair costs C + 1), about 2 n comparisons (docs/performance.md).
     Ties go to the first maximal element, so exactly one indicator is 1: the comparisons
-    of a group are consistent (:func:`_group_ge`).
+    of a group are consistent (:func:`_group_ge_binary`).
     """
     if arity not in (2, 4):
         raise ValueError(f"row_max arity must be 2 or 4, not {arity}")
@@ -604,7 +601,7 @@ def row_max(x, arity: int = 2):
             m = m.sum(dim=0)
             x = crypten.cat([m, rest], dim=-1) if rest.size(-1) else m
             continue
-        ge = as_fixed(_group_ge(cols, pairs)).unbind(0)
+        ge = as_fixed(ge0(crypten.stack([cols[i] - cols[j] for i, j in pairs]))).unbind(0)
         ind = {}
         for (i, j), bit in zip(pairs, ge):
             ind[(i, j)] = bit  # [x_i >= x_j] (i < j)
@@ -618,29 +615,20 @@ def row_max(x, arity: int = 2):
     return x
 
 
-def _group_ge(cols, pairs):
-    """[x_i >= x_j] for the (i, j) in ``pairs``, stacked, as 0/1 shares of scale 1; consistent.
+def _group_ge_binary(cols, pairs):
+    """[x_i >= x_j] for the (i, j) in ``pairs``, stacked, as single-bit XOR shares (before
+    conversion); consistent. Two parties with packed or truncated comparisons; None otherwise
+    (then exact comparisons of the differences with CrypTen's circuit).
 
     The winner of a group is the element whose comparisons all say it is largest, so the
     comparisons must be consistent: a truncated comparison of each difference (``coarse``)
     may flip near-ties independently and make a cycle, leaving no winner. Under ``lanes16``
-    with two parties, every element is truncated ONCE (bits [COARSE_DROP, COARSE_DROP + 16)
-    of its shares, :func:`_lane_values`), and the comparisons are exact on those truncated
-    values y_i = floor(x_i / 2^COARSE_DROP) - c_i: a consistent order (ties to the lower
-    index), whose winner is within 2 * 2^-6 of the true maximum (softmax is shift-invariant).
-    Needs |x_i - x_j| < 512. Otherwise exact comparisons of the differences (packed32 / CrypTen).
+    every element is truncated ONCE (bits [COARSE_DROP, COARSE_DROP + 16) of its shares,
+    :func:`_lane_values`), and the comparisons are exact on those truncated values
+    y_i = floor(x_i / 2^COARSE_DROP) - c_i: a consistent order (ties to the lower index), whose
+    winner is within 2 * 2^-6 of the true maximum (softmax is shift-invariant). Needs
+    |x_i - x_j| < 512. Under ``packed32``: exact comparisons of the differences.
     """
-    diffs = crypten.stack([cols[i] - cols[j] for i, j in pairs])
-    if COMPARISON["method"] == "lanes16" and crypten.communicator.get().get_world_size() == 2:
-        t = [_lane_values(c, 16, COARSE_DROP) for c in cols]
-        values = torch.stack([(t[i] - t[j]) & 0xFFFF for i, j in pairs])
-        return 1 - _ltz_of_lanes(values, 16, diffs)
-    return ge0(diffs)
-
-
-def _group_ge_binary(cols, pairs):
-    """:func:`_group_ge` as single-bit XOR shares (before conversion), stacked (len(pairs), ...), for
-    two parties with packed or truncated comparisons; None otherwise."""
     method = COMPARISON["method"]
     if method not in ("packed32", "lanes16") or crypten.communicator.get().get_world_size() != 2:
         return None
@@ -648,7 +636,7 @@ def _group_ge_binary(cols, pairs):
         t = [_lane_values(c, 16, COARSE_DROP) for c in cols]
         values = torch.stack([(t[i] - t[j]) & 0xFFFF for i, j in pairs])
         (below,) = lockstep(_lane_adder(values, 16))
-    else:
+    else:  # packed32
         diffs = crypten.stack([cols[i] - cols[j] for i, j in pairs])
         (below,) = lockstep(_lane_adder(_lane_values(diffs, 32, 0), 32))
     return below ^ 1
