@@ -312,7 +312,7 @@ def merged_round(requests):
             z = _plain(cc.share) ^ (e & _plain(b.share)) ^ (_plain(a.share) & d)
             if first:
                 z = z ^ (e & d)
-            result = cc.shallow_copy() if hasattr(cc, "shallow_copy") else cc.clone()
+            result = cc.shallow_copy()
             result.share = _like(cc.share, z)
             out.append(result)
             continue

@@ -55,10 +55,6 @@ class MaskedWeight:
         return self.secret.size() if dim is None else self.secret.size(dim)
 
     @property
-    def device(self):
-        return self.secret.device
-
-    @property
     def encoder(self):
         return self.secret._tensor.encoder
 
