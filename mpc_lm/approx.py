@@ -663,7 +663,10 @@ def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int = 1, coa
     """
     ks = list(range(lo_exp * steps + 1, hi_exp * steps + 1))
     coarse = coarse and hi_exp <= COARSE_DROP - 2 and lo_exp >= -1
-    bits = ge_bits(x, [2.0 ** (k / steps) for k in ks], packed_ok=2.0**hi_exp < packed_limit() / 2,
+    # packed comparisons of x - t are exact while x < packed_limit() (2^15): thresholds up to half
+    # of it leave inputs up to twice the top threshold exact (beyond that the top bucket's guess
+    # is too far off for Newton anyway)
+    bits = ge_bits(x, [2.0 ** (k / steps) for k in ks], packed_ok=2.0**hi_exp <= packed_limit() / 2,
                    coarse=coarse)
     values = [(2.0 ** ((k + 0.5) / steps)) ** power for k in [lo_exp * steps] + ks]
     encoder = FixedPointEncoder()
