@@ -65,3 +65,11 @@ def import_crypten():
         ) from None
 
     return crypten
+
+
+def plain_ring(t):
+    """A plain torch tensor of ring elements: CrypTen wraps GPU ring tensors in ``CUDALongTensor``
+    (whose ``/`` is an integer division and which many torch functions do not accept)."""
+    import torch
+
+    return t if torch.is_tensor(t) else t.tensor()

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ._compat import import_crypten
+from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
 from crypten.encoder import FixedPointEncoder  # noqa: E402
@@ -105,8 +105,7 @@ def _lane_values(x, lane_bits: int, drop: int) -> torch.Tensor:
     """
     if 64 % lane_bits or drop + lane_bits > 64:
         raise ValueError(f"lanes of {lane_bits} bits from bit {drop} do not fit a 64-bit ring element")
-    share = x._tensor.share
-    plain = share if torch.is_tensor(share) else share.tensor()
+    plain = plain_ring(x._tensor.share)
     return (plain >> drop) & ((1 << lane_bits) - 1) if lane_bits < 64 else plain
 
 
@@ -234,11 +233,6 @@ def mul_many(pairs):
     return list((left * right).unbind(0))
 
 
-def _plain(t):
-    """A plain torch tensor (CrypTen wraps GPU ring tensors in CUDALongTensor)."""
-    return t if torch.is_tensor(t) else t.tensor()
-
-
 def _like(template, share):
     """``share`` wrapped as CrypTen keeps ``template``'s shares (CUDALongTensor on the GPU)."""
     from crypten.cuda import CUDALongTensor
@@ -275,25 +269,25 @@ def merged_round(requests):
         if kind == "mul" and y is x:
             r, r2 = provider.square(x.size(), device=x.device)
             dealt.append((r, r2))
-            masked.append(_plain(x._tensor.share) - _plain(r.share))
+            masked.append(plain_ring(x._tensor.share) - plain_ring(r.share))
         elif kind == "mul":
             a, b, cc = provider.generate_additive_triple(x.size(), y.size(), "mul", device=x.device)
             dealt.append((a, b, cc))
-            masked += [_plain(x._tensor.share) - _plain(a.share), _plain(y._tensor.share) - _plain(b.share)]
+            masked += [plain_ring(x._tensor.share) - plain_ring(a.share), plain_ring(y._tensor.share) - plain_ring(b.share)]
         elif kind == "and":
             if c.get_world_size() != 2:
                 raise ValueError("merged binary ANDs need exactly two computing parties")
             a, b, cc = provider.generate_binary_triple(x.size(), y.size(), device=x.device)
             dealt.append((a, b, cc))
-            masked += [_plain((x ^ a).share), _plain((y ^ b).share)]
+            masked += [plain_ring((x ^ a).share), plain_ring((y ^ b).share)]
         elif kind == "bit_mul":
             r_arith, r_bin = provider.B2A_rng(x.size(), device=y.device)
             a, b, cc = provider.generate_additive_triple(x.size(), y.size(), "mul", device=y.device)
             dealt.append((a, b, cc))
-            z = _plain((x ^ r_bin).share)
-            noise = _plain(generate_random_ring_element(z.size(), generator=crypten.generators["local"][z.device],
+            z = plain_ring((x ^ r_bin).share)
+            noise = plain_ring(generate_random_ring_element(z.size(), generator=crypten.generators["local"][z.device],
                                                         device=z.device))
-            masked += [z + 2 * noise, _plain(r_arith.share) - _plain(a.share), _plain(y._tensor.share) - _plain(b.share)]
+            masked += [z + 2 * noise, plain_ring(r_arith.share) - plain_ring(a.share), plain_ring(y._tensor.share) - plain_ring(b.share)]
         else:
             raise ValueError(f"unknown merged request {kind!r}")
     flat = c.all_reduce(torch.cat([m.reshape(-1) for m in masked]))
@@ -301,57 +295,60 @@ def merged_round(requests):
     for m in masked:
         opened.append(flat[offset : offset + m.numel()].view(m.size()))
         offset += m.numel()
-    mine = list(masked)
-    out = []
+    out, k = [], 0  # k: the request's first masked tensor
     for (kind, x, y), rnd in zip(requests, dealt):
         if kind == "and":
-            e, d = opened.pop(0), opened.pop(0)
-            me, md = mine.pop(0), mine.pop(0)
-            e, d = me ^ (e - me), md ^ (d - md)  # the other party's masked word is sum - mine
+            # the other party's masked word is the sum minus mine; the opening is their XOR
+            e, d = (masked[i] ^ (opened[i] - masked[i]) for i in (k, k + 1))
+            k += 2
             a, b, cc = rnd
-            z = _plain(cc.share) ^ (e & _plain(b.share)) ^ (_plain(a.share) & d)
+            z = plain_ring(cc.share) ^ (e & plain_ring(b.share)) ^ (plain_ring(a.share) & d)
             if first:
                 z = z ^ (e & d)
             result = cc.shallow_copy()
             result.share = _like(cc.share, z)
             out.append(result)
-            continue
-        if kind == "bit_mul":
-            zsum, eps, dlt = opened.pop(0), opened.pop(0), opened.pop(0)
-            del mine[:3]
+        elif kind == "bit_mul":
+            zbit, eps, dlt = opened[k] & 1, opened[k + 1], opened[k + 2]
+            k += 3
             a, b, cc = rnd
-            zbit = zsum & 1
-            rv = _plain(cc.share) + eps * _plain(b.share) + _plain(a.share) * dlt
+            rv = plain_ring(cc.share) + eps * plain_ring(b.share) + plain_ring(a.share) * dlt
             if first:
                 rv = rv + eps * dlt
             result = y.clone()
-            result._tensor.share = _like(y._tensor.share, zbit * _plain(y._tensor.share) + (1 - 2 * zbit) * rv)
+            result._tensor.share = _like(y._tensor.share, zbit * plain_ring(y._tensor.share) + (1 - 2 * zbit) * rv)
             out.append(result)
-            continue
-        if y is x:  # x^2 = r^2 + 2 eps r + eps^2
-            (r, r2), eps = rnd, opened.pop(0)
-            del mine[:1]
-            z = _plain(r2.share) + 2 * eps * _plain(r.share)
+        elif y is x:  # x^2 = r^2 + 2 eps r + eps^2
+            (r, r2), eps = rnd, opened[k]
+            k += 1
+            z = plain_ring(r2.share) + 2 * eps * plain_ring(r.share)
             if first:
                 z = z + eps * eps
+            out.append(finish_product(x, x._tensor.encoder, z))
         else:  # x y = c + eps b + a dlt + eps dlt
-            (a, b, cc), eps, dlt = rnd, opened.pop(0), opened.pop(0)
-            del mine[:2]
-            z = _plain(cc.share) + eps * _plain(b.share) + _plain(a.share) * dlt
+            (a, b, cc), eps, dlt = rnd, opened[k], opened[k + 1]
+            k += 2
+            z = plain_ring(cc.share) + eps * plain_ring(b.share) + plain_ring(a.share) * dlt
             if first:
                 z = z + eps * dlt
-        result = x._tensor.shallow_copy()
-        result.share = _like(x._tensor.share, z)
-        xs, ys = x._tensor.encoder.scale, y._tensor.encoder.scale
-        if xs > 1 and ys > 1:
-            result.encoder = x._tensor.encoder
-            result.div_(xs)
-        else:
-            result.encoder = x._tensor.encoder if xs > 1 else y._tensor.encoder
-        product = x.shallow_copy()
-        product._tensor = result
-        out.append(product)
+            out.append(finish_product(x, y._tensor.encoder, z))
     return out
+
+
+def finish_product(x, y_encoder, z):
+    """The MPCTensor of a product of ``x`` and a secret with encoder ``y_encoder`` whose ring shares
+    are ``z``: truncated once when both are fixed point, as CrypTen's ``mul`` / ``matmul`` do."""
+    result = x._tensor.shallow_copy()
+    result.share = _like(x._tensor.share, plain_ring(z))
+    xs, ys = x._tensor.encoder.scale, y_encoder.scale
+    if xs > 1 and ys > 1:
+        result.encoder = x._tensor.encoder
+        result.div_(xs)
+    else:
+        result.encoder = x._tensor.encoder if xs > 1 else y_encoder
+    product = x.shallow_copy()
+    product._tensor = result
+    return product
 
 
 def lockstep(*protocols):
@@ -632,7 +629,7 @@ def _group_ge_binary(cols, pairs):
     method = COMPARISON["method"]
     if method not in ("packed32", "lanes16") or crypten.communicator.get().get_world_size() != 2:
         return None
-    if method == "lanes16":  # consistent: each element truncated once (see _group_ge)
+    if method == "lanes16":  # consistent: each element truncated once (see above)
         t = [_lane_values(c, 16, COARSE_DROP) for c in cols]
         values = torch.stack([(t[i] - t[j]) & 0xFFFF for i, j in pairs])
         (below,) = lockstep(_lane_adder(values, 16))

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ._compat import import_crypten
+from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
 import crypten.communicator as comm  # noqa: E402
@@ -58,11 +58,6 @@ def _broadcast_size(size0, size1) -> torch.Size:
 
 def _zeros(size, device) -> torch.Tensor:
     return torch.zeros(tuple(size), dtype=torch.long, device=device)
-
-
-def _plain(t):
-    """A plain torch tensor (CrypTen wraps GPU ring tensors in CUDALongTensor)."""
-    return t if torch.is_tensor(t) else t.tensor()
 
 
 # ---------------------------------------------------------------- the provider
@@ -325,7 +320,7 @@ def serve_plan(server, message: dict) -> int:
     parts = []
     for function, device, args, kwargs in message["requests"]:
         server.device = device
-        parts.append(_plain(getattr(server, function)(*args, **kwargs)).reshape(-1))
+        parts.append(plain_ring(getattr(server, function)(*args, **kwargs)).reshape(-1))
     flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
     c.send_obj(flat.numel(), 0, server.ttp_group)
     c.broadcast(flat, c.get_ttp_rank(), server.comm_group)

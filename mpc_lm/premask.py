@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import torch
 
+from . import offline
 from ._compat import import_crypten
+from .approx import finish_product
 
 crypten = import_crypten()
 import crypten.communicator as comm  # noqa: E402
@@ -60,12 +62,11 @@ class MaskedWeight:
 
     def to_meta(self) -> "MaskedWeight":
         """A shape-only copy for offline planning (mpc_lm/offline.py)."""
-        from .offline import _meta
 
         def empty(t):
             return torch.empty(tuple(t.size()), dtype=torch.long, device="meta")
 
-        return MaskedWeight(self.wid, _meta(self.secret), empty(self.mask_share), empty(self.opened),
+        return MaskedWeight(self.wid, offline._meta(self.secret), empty(self.mask_share), empty(self.opened),
                             self.transposed)
 
 
@@ -92,8 +93,6 @@ def mask_weights(params: dict, names: list[str]) -> tuple[dict, dict]:
 
     Collective: every computing party calls it with the same names, in the same order.
     """
-    from . import offline
-
     provider = offline.install()
     names = [n for n in names if n in params]
     if not names:
@@ -111,28 +110,15 @@ def mask_weights(params: dict, names: list[str]) -> tuple[dict, dict]:
 
 def matmul(x, w: MaskedWeight):
     """``x @ W`` for a secret ``x`` (MPCTensor) and a :class:`MaskedWeight`. One round, ``|x|`` opened."""
-    from . import offline
-
     provider = offline.install()
-    xt = x._tensor
     a, c = provider.masked_triple(tuple(x.size()), w, device=x.device)
-    d = comm.get().all_reduce(xt.share - a.share)  # x - a: the only opening
+    d = comm.get().all_reduce(x._tensor.share - a.share)  # x - a: the only opening
     z = c.share
     z += torch.matmul(d, w.mask_share)
     z += torch.matmul(a.share, w.opened)
     if comm.get().get_rank() == 0:
         z += torch.matmul(d, w.opened)
-    result = xt.shallow_copy()
-    result.share = z
-    x_scale, w_scale = xt.encoder.scale, w.encoder.scale
-    if x_scale > 1 and w_scale > 1:  # both fixed point: truncate once, as CrypTen's product does
-        result.encoder = xt.encoder
-        result.div_(x_scale)
-    else:
-        result.encoder = xt.encoder if x_scale > 1 else w.encoder
-    out = x.shallow_copy()
-    out._tensor = result
-    return out
+    return finish_product(x, w.encoder, z)
 
 
 def mm(x, w):

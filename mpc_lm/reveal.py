@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ._compat import plain_ring
+
 
 def decode(raw: torch.Tensor, scale: int) -> torch.Tensor:
     """Exact fixed-point decoding of a ring tensor (float32 result).
@@ -19,8 +21,7 @@ def decode(raw: torch.Tensor, scale: int) -> torch.Tensor:
     On a GPU CrypTen holds ring values as ``CUDALongTensor``, whose ``/`` is an
     integer division (it would drop the fraction): unwrap to a plain tensor first.
     """
-    if hasattr(raw, "tensor") and not torch.is_tensor(raw):
-        raw = raw.tensor()
+    raw = plain_ring(raw)
     return (raw.double() / scale).float() if scale > 1 else raw
 
 
