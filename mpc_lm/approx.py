@@ -20,6 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from . import tables
 from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
@@ -54,6 +55,9 @@ def as_fixed(bits):
 #: inputs |x| < packed_limit(), 2^15 at 16 fractional bits) or "crypten" (CrypTen's 64-bit circuit). Set once per process from
 #: ``approx.comparison`` by the party runtime (docs/performance.md).
 COMPARISON = {"method": "crypten"}
+
+#: The methods with 2-party packed circuits: "tables" has lanes16's widths, its signs from dealt tables.
+_PACKED = ("packed32", "lanes16", "tables")
 
 
 def packed_limit() -> float:
@@ -151,12 +155,23 @@ def _lane_adder(values: torch.Tensor, lane_bits: int):
     return bits.permute(1, 0).reshape(-1)[:n].reshape(size)
 
 
+def _sign(values: torch.Tensor, lane_bits: int):
+    """Protocol: the top bit of each lane of the sum of both parties' ``values`` mod 2^lane_bits, as
+    single-bit XOR shares. Under ``tables`` (when the provider deals them) by a dealt comparison table
+    (mpc_lm/tables.py: 2 rounds for 16-bit lanes, 3 for 32); otherwise by :func:`_lane_adder`."""
+    if COMPARISON["method"] == "tables":
+        dealt = tables.key(values.numel(), lane_bits, values.device)
+        if dealt is not None:
+            return tables.sign_protocol(values, lane_bits, dealt)
+    return _lane_adder(values, lane_bits)
+
+
 def _ltz_of_lanes(values: torch.Tensor, lane_bits: int, like):
     """[v < 0] for v the lane-wise sum of both parties' ``values`` mod 2^lane_bits, read as signed:
-    :func:`_lane_adder`, then B2A. ``like``: an MPCTensor of the same shape, cloned for the result."""
+    :func:`_sign`, then B2A. ``like``: an MPCTensor of the same shape, cloned for the result."""
     from crypten.mpc.primitives.beaver import B2A_single_bit
 
-    (bits,) = lockstep(_lane_adder(values, lane_bits))
+    (bits,) = lockstep(_sign(values, lane_bits))
     out = like.clone()
     out._tensor = B2A_single_bit(bits)
     out.encoder._scale = 1
@@ -176,8 +191,8 @@ def ge0(x, coarse: bool = False):
     they use the truncated 16-bit lanes.
     """
     method = COMPARISON["method"]
-    if method in ("packed32", "lanes16") and crypten.communicator.get().get_world_size() == 2:
-        if coarse and method == "lanes16":
+    if method in _PACKED and crypten.communicator.get().get_world_size() == 2:
+        if coarse and method != "packed32":
             return 1 - _ltz_lanes(x, 16, COARSE_DROP)
         return 1 - _ltz_packed(x)
     return x.ge(0)
@@ -187,8 +202,17 @@ def ge_bits(x, thresholds, packed_ok: bool = True, coarse: bool = False):
     """[x >= t] for each public t as 0/1 shares of scale 1, shape (K, *x.shape), in ONE comparison call.
 
     ``packed_ok=False`` forces CrypTen's 64-bit circuit (inputs that may exceed packed_limit());
-    ``coarse`` as in :func:`ge0`.
+    ``coarse`` as in :func:`ge0`. Under ``tables``, one opening for all thresholds (:func:`_ge_protocol`).
     """
+    if packed_ok and COMPARISON["method"] == "tables":
+        bits = ge_binary(x, thresholds, coarse)
+        if bits is not None:
+            from crypten.mpc.primitives.beaver import B2A_single_bit
+
+            out = x.unsqueeze(0).expand(len(thresholds), *x.size()).clone()
+            out._tensor = B2A_single_bit(bits)
+            out.encoder._scale = 1
+            return out
     t = torch.tensor([float(v) for v in thresholds], device=x.device).view(-1, *([1] * x.dim()))
     stacked = x.unsqueeze(0).expand(len(thresholds), *x.size()) - t
     return ge0(stacked, coarse) if packed_ok else stacked.ge(0)
@@ -205,14 +229,25 @@ def ge_many(x, thresholds, packed_ok: bool = True, coarse: bool = False):
 def _ge_protocol(x, thresholds, coarse: bool = False):
     """A :func:`lockstep` protocol for [x < t] for each public t as single-bit XOR shares (shape
     (K, *x.shape); flip with ``^ 1`` for [x >= t]), or None when :data:`COMPARISON` has no packed
-    circuit here (CrypTen's circuit or more than two parties)."""
+    circuit here (CrypTen's circuit or more than two parties).
+
+    Under ``tables`` all K thresholds share one opening and one table per element of x
+    (:func:`mpc_lm.tables.sign_protocol`'s ``offsets``): the lanes are x's, and t, encoded, is
+    subtracted from the opened value; with truncated lanes t rounds up to the lanes' grid, so
+    x in [t, t + 2^(COARSE_DROP - 15)) may read as below t (2^-6 when t is on the grid, as GELU's are)."""
     method = COMPARISON["method"]
-    if method not in ("packed32", "lanes16") or crypten.communicator.get().get_world_size() != 2:
+    if method not in _PACKED or crypten.communicator.get().get_world_size() != 2:
         return None
+    lane_bits, drop = (16, COARSE_DROP) if coarse and method != "packed32" else (32, 0)
+    if method == "tables":
+        dealt = tables.key(x.numel(), lane_bits, x.device)
+        if dealt is not None:
+            encoded = (torch.tensor([float(v) for v in thresholds]) * x.encoder.scale).long()  # as CrypTen encodes t
+            offsets = [-((-int(t)) >> drop) for t in encoded]  # ceil(t / 2^drop)
+            return tables.sign_protocol(_lane_values(x, lane_bits, drop), lane_bits, dealt, offsets)
     t = torch.tensor([float(v) for v in thresholds], device=x.device).view(-1, *([1] * x.dim()))
     stacked = x.unsqueeze(0).expand(len(thresholds), *x.size()) - t
-    lane_bits, drop = (16, COARSE_DROP) if coarse and method == "lanes16" else (32, 0)
-    return _lane_adder(_lane_values(stacked, lane_bits, drop), lane_bits)
+    return _sign(_lane_values(stacked, lane_bits, drop), lane_bits)
 
 
 def ge_binary(x, thresholds, coarse: bool = False):
@@ -251,22 +286,32 @@ def merged_round(requests):
     * ``("and", x, y)``: x & y of two BinarySharedTensors (two parties only: the XOR of the
       masked words is read from their sum, which for two parties tells each party the other's
       masked word, as an XOR opening does);
+    * ``("products", values, pairs)``: values[i] * values[j] for each (i, j) in ``pairs``, the
+      values (MPCTensors of one shape) each opened ONCE however many products use them (a dealer
+      mask per value and c = a_i a_j per pair); returns the list of products, truncated like ``mul``;
+    * ``("sum", t, None)``: the sum over the parties of a plain int64 tensor ``t`` (an opening of
+      values this party already masked, e.g. :func:`mpc_lm.tables.sign_protocol`'s c);
     * ``("bit_mul", b, v)``: b * v for single-bit XOR shares b and an MPCTensor v of the same
-      shape, the bit's conversion included: with (r_bin, r_arith) a dealer bit, z = b xor r is
-      opened (as the parity of the sum of each party's bit plus twice a local random ring
-      element, so what travels is uniform) together with the Beaver product r * v, and
-      b v = z v + (1 - 2 z)(r v). No truncation (b is 0/1).
+      shape, the bit's conversion included (two parties): with a dealer bit triple (r as XOR and
+      arithmetic shares, a ring tensor b', c = r b'), z = b xor r is opened as packed bits (64 per
+      word; each party reads the other's word from the sum) together with v - b', and
+      b v = z v + (1 - 2 z)(r v) with r v = c + r (v - b'). No truncation (b is 0/1).
 
-    Returns the results in order (MPCTensor, BinarySharedTensor, MPCTensor).
+    Returns the results in order (MPCTensor, BinarySharedTensor, plain tensor, MPCTensor).
     """
-    from crypten.common.rng import generate_random_ring_element
-
     provider = crypten.mpc.get_default_provider()
     c = crypten.communicator.get()
     first = c.get_rank() == 0
     dealt, masked = [], []
     for kind, x, y in requests:
-        if kind == "mul" and y is x:
+        if kind == "sum":
+            dealt.append(None)
+            masked.append(x)
+        elif kind == "products":
+            a, cc = _product_triples(provider, x[0].size(), len(x), y, x[0].device)
+            dealt.append((a, cc))
+            masked.append(torch.stack([plain_ring(v._tensor.share) for v in x]) - a)
+        elif kind == "mul" and y is x:
             r, r2 = provider.square(x.size(), device=x.device)
             dealt.append((r, r2))
             masked.append(plain_ring(x._tensor.share) - plain_ring(r.share))
@@ -281,13 +326,14 @@ def merged_round(requests):
             dealt.append((a, b, cc))
             masked += [plain_ring((x ^ a).share), plain_ring((y ^ b).share)]
         elif kind == "bit_mul":
-            r_arith, r_bin = provider.B2A_rng(x.size(), device=y.device)
-            a, b, cc = provider.generate_additive_triple(x.size(), y.size(), "mul", device=y.device)
-            dealt.append((a, b, cc))
-            z = plain_ring((x ^ r_bin).share)
-            noise = plain_ring(generate_random_ring_element(z.size(), generator=crypten.generators["local"][z.device],
-                                                        device=z.device))
-            masked += [z + 2 * noise, plain_ring(r_arith.share) - plain_ring(a.share), plain_ring(y._tensor.share) - plain_ring(b.share)]
+            if c.get_world_size() != 2:
+                raise ValueError("merged bit products need exactly two computing parties")
+            if tuple(x.size()) != tuple(y.size()):
+                raise ValueError(f"bit_mul needs a bit per value: {tuple(x.size())} vs {tuple(y.size())}")
+            r_bin, r_arith, b, cc = _bit_triple(provider, x.size(), y.device)
+            dealt.append((r_arith, cc))
+            z = plain_ring((x ^ r_bin).share) & 1
+            masked += [tables._pack_bits(z.reshape(-1)), plain_ring(y._tensor.share) - plain_ring(b.share)]
         else:
             raise ValueError(f"unknown merged request {kind!r}")
     flat = c.all_reduce(torch.cat([m.reshape(-1) for m in masked]))
@@ -297,7 +343,20 @@ def merged_round(requests):
         offset += m.numel()
     out, k = [], 0  # k: the request's first masked tensor
     for (kind, x, y), rnd in zip(requests, dealt):
-        if kind == "and":
+        if kind == "sum":
+            out.append(opened[k])
+            k += 1
+        elif kind == "products":  # v_i v_j = c + e_i a_j + a_i e_j + e_i e_j
+            (a, cc), e = rnd, opened[k]
+            k += 1
+            products = []
+            for p, (i, j) in enumerate(y):
+                z = cc[p] + e[i] * a[j] + a[i] * e[j]
+                if first:
+                    z = z + e[i] * e[j]
+                products.append(finish_product(x[i], x[j]._tensor.encoder, z))
+            out.append(products)
+        elif kind == "and":
             # the other party's masked word is the sum minus mine; the opening is their XOR
             e, d = (masked[i] ^ (opened[i] - masked[i]) for i in (k, k + 1))
             k += 2
@@ -309,12 +368,12 @@ def merged_round(requests):
             result.share = _like(cc.share, z)
             out.append(result)
         elif kind == "bit_mul":
-            zbit, eps, dlt = opened[k] & 1, opened[k + 1], opened[k + 2]
-            k += 3
-            a, b, cc = rnd
-            rv = plain_ring(cc.share) + eps * plain_ring(b.share) + plain_ring(a.share) * dlt
-            if first:
-                rv = rv + eps * dlt
+            # z = b xor r from the packed words (the other party's: the sum minus mine); r v = c + r dlt
+            zbit = tables._unpack_bits(masked[k] ^ (opened[k] - masked[k]), x.numel()).view(x.size())
+            dlt = opened[k + 1]
+            k += 2
+            r_arith, cc = rnd
+            rv = plain_ring(cc.share) + plain_ring(r_arith.share) * dlt
             result = y.clone()
             result._tensor.share = _like(y._tensor.share, zbit * plain_ring(y._tensor.share) + (1 - 2 * zbit) * rv)
             out.append(result)
@@ -333,6 +392,41 @@ def merged_round(requests):
                 z = z + eps * dlt
             out.append(finish_product(x, y._tensor.encoder, z))
     return out
+
+
+def _product_triples(provider, size, m, pairs, device):
+    """(a, c) for ``products``: the dealer's (mpc_lm/offline.py), or under the insecure TFP provider
+    drawn by party 0 and shared from it."""
+    if hasattr(provider, "product_triples"):
+        return provider.product_triples(size, m, pairs, device=device)
+    from crypten.common.rng import generate_random_ring_element
+    from crypten.mpc.primitives import ArithmeticSharedTensor
+    from crypten.mpc.provider.tfp_provider import TrustedFirstParty
+
+    if not isinstance(provider, TrustedFirstParty):
+        raise RuntimeError(f"provider {type(provider).__name__} deals no product triples: install mpc_lm.offline's "
+                           "PlannedDealer (the party runtime does) or use TFP in development")
+    a = plain_ring(generate_random_ring_element((m, *size), device=device))
+    c = torch.stack([a[i] * a[j] for i, j in pairs])
+    return tuple(plain_ring(ArithmeticSharedTensor(t, precision=0, src=0).share) for t in (a, c))
+
+
+def _bit_triple(provider, size, device):
+    """(r_bin, r_arith, b, c) for ``bit_mul``: the dealer's (mpc_lm/offline.py), or under the insecure
+    TFP provider drawn by party 0 and shared from it (CrypTen's TFP convention)."""
+    if hasattr(provider, "bit_triple"):
+        return provider.bit_triple(size, device=device)
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
+    from crypten.mpc.provider.tfp_provider import TrustedFirstParty
+
+    if not isinstance(provider, TrustedFirstParty):
+        raise RuntimeError(f"provider {type(provider).__name__} deals no bit triples: install mpc_lm.offline's "
+                           "PlannedDealer (the party runtime does) or use TFP in development")
+    r = generate_kbit_random_tensor(size, bitlength=1, device=device)
+    b = generate_random_ring_element(size, device=device)
+    c = plain_ring(r) * plain_ring(b)
+    return (BinarySharedTensor(r, src=0), *(ArithmeticSharedTensor(t, precision=0, src=0) for t in (r, b, c)))
 
 
 def finish_product(x, y_encoder, z):
@@ -395,15 +489,17 @@ def bits_times(pairs):
 
 
 def _chebyshev_protocol(v, degree: int):
-    """:func:`chebyshev_basis` as a :func:`lockstep` protocol (one request per level)."""
+    """:func:`chebyshev_basis` as a :func:`lockstep` protocol (one request per level; each T_k a
+    level needs is opened once, however many of its products use it)."""
     T = {1: v}
     known = 1
     while known < degree:
         todo = list(range(known + 1, min(2 * known, degree) + 1))
-        left = crypten.stack([T[(k + 1) // 2] for k in todo])
-        right = crypten.stack([T[k // 2] for k in todo])
-        (products,) = yield [("mul", left, right)]
-        for k, p in zip(todo, products.unbind(0)):
+        wanted = [((k + 1) // 2, k // 2) for k in todo]
+        index = sorted({i for pair in wanted for i in pair})
+        pos = {k: n for n, k in enumerate(index)}
+        (products,) = yield [("products", [T[i] for i in index], [(pos[i], pos[j]) for i, j in wanted])]
+        for k, p in zip(todo, products):
             T[k] = p * 2 - 1 if k % 2 == 0 else p * 2 - v
         known = todo[-1]
     return T
@@ -627,15 +723,15 @@ def _group_ge_binary(cols, pairs):
     |x_i - x_j| < 512. Under ``packed32``: exact comparisons of the differences.
     """
     method = COMPARISON["method"]
-    if method not in ("packed32", "lanes16") or crypten.communicator.get().get_world_size() != 2:
+    if method not in _PACKED or crypten.communicator.get().get_world_size() != 2:
         return None
-    if method == "lanes16":  # consistent: each element truncated once (see above)
+    if method != "packed32":  # lanes16, tables: consistent, each element truncated once (see above)
         t = [_lane_values(c, 16, COARSE_DROP) for c in cols]
         values = torch.stack([(t[i] - t[j]) & 0xFFFF for i, j in pairs])
-        (below,) = lockstep(_lane_adder(values, 16))
+        (below,) = lockstep(_sign(values, 16))
     else:  # packed32
         diffs = crypten.stack([cols[i] - cols[j] for i, j in pairs])
-        (below,) = lockstep(_lane_adder(_lane_values(diffs, 32, 0), 32))
+        (below,) = lockstep(_sign(_lane_values(diffs, 32, 0), 32))
     return below ^ 1
 
 

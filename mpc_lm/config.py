@@ -114,12 +114,14 @@ class Approximations(_Strict):
     inv_sqrt_iterations: int = Field(2, ge=1, le=10, description="Newton steps after the bucketed guess")
     guess_steps_per_octave: int = Field(4, ge=1, le=16, description="thresholds per octave of the first guess of "
                                         "1/x and 1/sqrt(x): more cost comparison bytes, save Newton rounds")
-    comparison: Literal["lanes16", "packed32", "crypten"] = Field(
-        "lanes16", description="packed32: two 32-bit lanes per ring word (2 computing parties, inputs within "
-        "+-2^15; 7 rounds, ~2.5x fewer bytes); lanes16: packed32, except that the comparisons whose result "
-        "may flip within 2^-6 of the threshold (GELU/tanh pieces, pairwise steps of the row max) read bits 10..25 of "
-        "the shares in four 16-bit lanes per word (|x| < 512; 6 rounds, ~2.2x fewer bytes than packed32); "
-        "crypten: CrypTen's 64-bit circuit (any party count and range)")
+    comparison: Literal["tables", "lanes16", "packed32", "crypten"] = Field(
+        "tables", description="tables: the widths of lanes16, each sign read from comparison tables the dealer "
+        "deals (one opening + one AND round for 16-bit lanes, + two for 32-bit; ~20 bytes per element instead of "
+        "~80; 2 computing parties; falls back to lanes16 where no tables are dealt); packed32: two 32-bit lanes "
+        "per ring word (2 computing parties, inputs within +-2^15; 7 rounds, ~2.5x fewer bytes); lanes16: packed32, "
+        "except that the comparisons whose result may flip within 2^-6 of the threshold (GELU/tanh pieces, "
+        "pairwise steps of the row max) read bits 10..25 of the shares in four 16-bit lanes per word (|x| < 512; "
+        "6 rounds, ~2.2x fewer bytes than packed32); crypten: CrypTen's 64-bit circuit (any party count and range)")
     max_arity: Literal[2, 4] = Field(4, description="softmax row max: 2 = binary tournament (C+1 rounds "
                                      "per level), 4 = groups of four (C+2 rounds per level, half the levels)")
     mode: Literal["mpc_lm", "crypten"] = Field(

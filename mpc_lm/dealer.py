@@ -20,7 +20,7 @@ import logging
 import torch
 
 from . import offline
-from ._compat import import_crypten
+from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
 import crypten.communicator as comm  # noqa: E402
@@ -28,11 +28,12 @@ from crypten.mpc.provider.ttp_provider import TTPServer  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-_FUNCTIONS = {"additive", "square", "binary", "wraps", "B2A", "weight_masks", "masked"}
+_FUNCTIONS = {"additive", "square", "binary", "wraps", "B2A", "weight_masks", "masked", "compare", "bit_triple", "products"}
 
 
 class Dealer(TTPServer):
-    """CrypTen's TTP functions plus the weight masks of mpc_lm/premask.py.
+    """CrypTen's TTP functions plus the weight masks of mpc_lm/premask.py, the comparison
+    tables of mpc_lm/tables.py, bit triples and multi-product triples (mpc_lm/approx.py, merged rounds).
 
     ``weight_masks`` draws every party's share of one mask per weight (replaying their
     seeds, in the order the parties draw them) and keeps the masks; ``masked`` deals
@@ -53,6 +54,28 @@ class Dealer(TTPServer):
         b = self.masks[wid].t() if transposed else self.masks[wid]
         c = torch.matmul(a, b)
         return c - self._get_additive_PRSS(c.size(), remove_rank=True)
+
+    def products(self, size, m, pairs):
+        """Party 0's shares of a_i a_j for each pair (i, j) of m fresh masks a (approx.merged_round)."""
+        a = plain_ring(self._get_additive_PRSS(torch.Size([m, *size])))
+        c = torch.stack([a[i] * a[j] for i, j in pairs])
+        return c - plain_ring(self._get_additive_PRSS(c.size(), remove_rank=True))
+
+    def bit_triple(self, size):
+        """Party 0's shares of (r, r b) for a random bit r and a random ring tensor b (both drawn from
+        every party's seed): a bit times a value (mpc_lm/approx.py, merged rounds)."""
+        r = plain_ring(self._get_binary_PRSS(torch.Size(size), bitlength=1))
+        b = plain_ring(self._get_additive_PRSS(torch.Size(size)))
+        pair = torch.stack([r, r * b])
+        return pair - plain_ring(self._get_additive_PRSS(pair.size(), remove_rank=True))
+
+    def compare(self, n, lane_bits):
+        """Party 0's shares of the comparison tables of fresh masks r (mpc_lm/tables.py)."""
+        from . import tables
+
+        r = self._get_additive_PRSS(torch.Size([n]))
+        table = tables.build(plain_ring(r), lane_bits)
+        return table ^ plain_ring(self._get_binary_PRSS(table.size(), remove_rank=True))
 
 
 def serve() -> int:

@@ -166,6 +166,63 @@ class PlannedDealer(TrustedThirdParty):
             shares = self._shares("masked", device, [(size_x, _ring)], (c_size, _ring), args)
         return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in shares)
 
+    def comparison_key(self, n: int, lane_bits: int, device=None):
+        """This party's shares of the masks r and of their comparison tables (mpc_lm/tables.py):
+        every party draws its share of r, party 1 its table shares, from its dealer seed; the
+        dealer deals party 0's table shares."""
+        from . import tables
+
+        words = tables.words_per_element(lane_bits)
+        if self.mode == "pass":
+            gen = TTPClient.get().get_generator(device=device)
+            r = _ring((n,), gen, device)
+            if comm.get().get_rank() == 0:
+                t = TTPClient.get().ttp_request("compare", device, n, lane_bits)
+            else:
+                t = _bits((n, words), gen, device)
+            shares = [r, t]
+        else:
+            shares = self._shares("compare", device, [((n,), _ring)], ((n, words), _bits), (n, lane_bits))
+        return tuple(plain_ring(t) for t in shares)
+
+    def product_triples(self, size, m: int, pairs, device=None):
+        """(a, c): masks a (m, *size) for m values opened once each, and c (len(pairs), *size) with
+        c[p] = a[i] a[j] for the p-th pair (i, j) (approx.merged_round's ``products``). Every party
+        draws its share of a from its dealer seed; the dealer deals party 0's share of c."""
+        size = torch.Size(size)
+        masks, products = torch.Size([m, *size]), torch.Size([len(pairs), *size])
+        pairs = tuple((int(i), int(j)) for i, j in pairs)
+        if self.mode == "pass":
+            gen = TTPClient.get().get_generator(device=device)
+            a = _ring(masks, gen, device)
+            if comm.get().get_rank() == 0:
+                c = TTPClient.get().ttp_request("products", device, size, m, pairs)
+            else:
+                c = _ring(products, gen, device)
+        else:
+            a, c = self._shares("products", device, [(masks, _ring)], (products, _ring), (size, m, pairs))
+        return plain_ring(a), plain_ring(c)
+
+    def bit_triple(self, size, device=None):
+        """(r_bin, r_arith, b, c): a random bit r as XOR and as arithmetic shares, a random ring tensor
+        b and c = r b, for a bit times a value in one opening of the value (approx.merged_round).
+        Every party draws r_bin and b from its dealer seed; the dealer deals party 0's shares of
+        r_arith and c (stacked)."""
+        size = torch.Size(size)
+        pair = torch.Size([2, *size])
+        if self.mode == "pass":
+            gen = TTPClient.get().get_generator(device=device)
+            r_bin, b = _bit(size, gen, device), _ring(size, gen, device)
+            if comm.get().get_rank() == 0:
+                dealt = TTPClient.get().ttp_request("bit_triple", device, size)
+            else:
+                dealt = _ring(pair, gen, device)
+        else:
+            r_bin, b, dealt = self._shares("bit_triple", device, [(size, _bit), (size, _ring)], (pair, _ring), (size,))
+        r_arith, c = plain_ring(dealt).unbind(0)
+        return (BinarySharedTensor.from_shares(r_bin),
+                *(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (r_arith, b, c)))
+
     def B2A_rng(self, size, device=None):
         if self.mode == "pass":
             return super().B2A_rng(size, device)

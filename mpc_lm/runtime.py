@@ -143,6 +143,10 @@ def _configure_crypten(cfg: ConsortiumConfig) -> None:
     from . import approx  # comparison circuit for this process (docs/performance.md)
 
     approx.COMPARISON["method"] = "crypten" if cfg.approx.mode == "crypten" else cfg.approx.comparison
+    if cfg.security.provider == "ttp":  # CrypTen's TTP functions plus comparison tables and bit triples
+        from . import offline
+
+        offline.install()
     if cfg.security.provider == "tfp":
         log.warning(
             "INSECURE DEVELOPMENT MODE: provider TFP lets party %r reconstruct every secret. "

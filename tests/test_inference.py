@@ -111,3 +111,16 @@ def test_real_minilm_embeddings_match_plaintext(tmp_path):
     assert (secure - plain).abs().max().item() < 0.02
     cos = torch.nn.functional.cosine_similarity(secure, plain, dim=-1)
     assert cos.min().item() > 0.999
+
+
+def test_on_demand_dealer_serves_the_same_computation(tmp_path, tiny_models, default_run):
+    """preprocessing.mode: on_demand: every dealer function (triples, comparison tables, bit and
+    multi-product triples, weight masks) answered request by request instead of from the plan:
+    the same online rounds and bytes, the same fidelity, the dealer on the critical path."""
+    planned = _check(default_run("bert"))["inference"]["hospital"]
+    run = launch(write_config(tmp_path, tiny_models["bert"], preprocessing={"mode": "on_demand"}))
+    asked = _check(run)["inference"]["hospital"]
+    assert asked["rounds"] == planned["rounds"]
+    for name, party in asked["per_party"].items():
+        assert party["online_bytes_sent"] == planned["per_party"][name]["online_bytes_sent"]
+    assert max(p["dealer_rounds"] for p in asked["per_party"].values()) > 100

@@ -203,3 +203,118 @@ def test_bits_converted_inside_the_selecting_product():
         assert fused["relu"][1] == 8 and separate["relu"][1] == 10, out
         assert fused["gelu"][1] == 7 and fused["tanh"][1] == 8, out
         assert separate["gelu"][1] == 14 and separate["tanh"][1] == 16, out
+
+
+# ---------------------------------------------------------------- comparison tables (approx.comparison: tables)
+
+
+def test_tables_hold_less_than_and_equal_bits_of_every_chunk():
+    """mpc_lm/tables.py's dealer side against brute force: for each chunk k of the low L - 1 bits
+    of r and each t, [t < r_k] (XOR r's top bit on the top chunk) and [t == r_k]."""
+    from mpc_lm import tables
+
+    g = torch.Generator().manual_seed(3)
+    for lane_bits in (16, 32):
+        r = torch.cat([torch.randint(0, 2**lane_bits, (200,), generator=g),
+                       torch.tensor([0, 1, 63, 64, 127, 128, 255, 256, 2 ** (lane_bits - 1) - 1,
+                                     2 ** (lane_bits - 1), 2**lane_bits - 1])])
+        words = tables.build(r, lane_bits)
+        chunks, total = tables.layout(lane_bits)
+        assert words.shape == (r.numel(), total) == (r.numel(), {16: 8, 32: 24}[lane_bits])
+        bits = ((words.unsqueeze(-1) >> torch.arange(64)) & 1).reshape(r.numel(), -1)
+        top = (r >> (lane_bits - 1)) & 1
+        for k, (shift, width, lt, eq) in enumerate(chunks):
+            value = (r >> shift) & ((1 << width) - 1)
+            t = torch.arange(1 << width)
+            want_lt = (t.unsqueeze(0) < value.unsqueeze(1)).long()
+            if k == 0:
+                want_lt = want_lt ^ top.unsqueeze(1)
+            assert torch.equal(bits[:, lt * 64 : lt * 64 + (1 << width)], want_lt)
+            if eq is not None:
+                assert torch.equal(bits[:, eq * 64 : eq * 64 + (1 << width)], (t.unsqueeze(0) == value.unsqueeze(1)).long())
+
+
+@crypten.mpc.run_multiprocess(world_size=2)
+def _tables_world():
+    """The sign of u + v mod 2^L (u party 0's lane values, v party 1's) from dealt tables, against
+    plaintext, on random lanes and on every edge of the chunks; its rounds and bytes; and what the
+    opening shows: for all-equal inputs the other party's masked lanes are uniform."""
+    from mpc_lm import tables
+
+    crypten.cfg.communicator.verbose = True
+    c = crypten.communicator.get()
+    rank = c.get_rank()
+    g = torch.Generator().manual_seed(17)  # the same in both processes: each takes its own half
+    out = {}
+    for lane_bits in (16, 32):
+        full = 2**lane_bits
+        edges = torch.tensor([0, 1, 127, 128, 255, 256, 257, full // 2 - 1, full // 2, full // 2 + 1, full - 1,
+                              full - 256, full - 255, full // 2 - 256, full // 2 + 256])
+        y = torch.cat([torch.randint(0, full, (20000,), generator=g), edges])  # the target sums
+        u = torch.randint(0, full, y.size(), generator=g)
+        v = (y - u) % full
+        mine = u if rank == 0 else v
+        c.reset_communication_stats()
+        (bits,) = approx.lockstep(tables.sign_protocol(mine, lane_bits, tables.key(y.numel(), lane_bits, None)))
+        stats = c.get_communication_stats()
+        got = bits.reveal()  # the XOR of both parties' bits
+        want = (y >> (lane_bits - 1)) & 1
+        # what arrives in the opening: the other party's lane value plus its share of r
+        protocol = tables.sign_protocol(torch.zeros(4096, dtype=torch.long), lane_bits,
+                                        tables.key(4096, lane_bits, None))
+        request = next(protocol)
+        (total,) = approx.merged_round(request)
+        theirs = tables._unpack_lanes(total - request[0][1], lane_bits, 4096).double() / full
+        out[str(lane_bits)] = [int((got != want).sum()), stats["rounds"], stats["bytes"] / y.numel(),
+                               float(theirs.mean()), float((theirs < 0.5).double().mean())]
+    return out
+
+
+def test_comparison_tables_are_exact_in_two_or_three_rounds():
+    for out in _in_fresh_world("_tables_world"):
+        for lane_bits, rounds, max_bytes in (("16", 2, 4.6), ("32", 3, 10.1)):
+            bad, got_rounds, nbytes, mean, below_half = out[lane_bits]
+            assert bad == 0, out
+            # one opening of the masked lanes, then one AND level per pairwise merge of the chunks
+            assert got_rounds == rounds, out
+            # L / 8 bytes for the opening (64 / L lanes per word) + 2 packed bits per AND, each
+            # counted twice as CrypTen counts an all_reduce (the adder: ~80 for 16-bit lanes)
+            assert nbytes < max_bytes, out
+            # the masked lanes of all-zero inputs look uniform (4,096 draws: 6 sigma = 0.027)
+            assert abs(mean - 0.5) < 0.03 and abs(below_half - 0.5) < 0.05, out
+
+
+@crypten.mpc.run_multiprocess(world_size=2)
+def _tables_functions_world():
+    """GELU, ReLU and the row max under ``tables`` against the same functions under ``lanes16``:
+    the same truncated lanes, so the same errors, in fewer rounds and bytes."""
+    crypten.cfg.communicator.verbose = True
+    g = torch.Generator().manual_seed(23)
+    x = torch.cat([torch.linspace(-12, 12, 2001), torch.tensor([-4.0, 4.0, 0.0, 2**-16])])
+    rows = torch.cat([torch.randn(12, 128, generator=g) * 10, 5.0 + torch.randint(0, 4, (8, 128), generator=g) * 2.0**-8])
+    enc, enc_rows = crypten.cryptensor(x), crypten.cryptensor(rows)
+    out = {}
+    for method in ("lanes16", "tables"):
+        approx.COMPARISON["method"] = method
+        row = {}
+        for name, fn, arg, ref in (("gelu", approx.gelu, enc, torch.nn.functional.gelu(x)),
+                                   ("relu", approx.relu, enc, torch.relu(x)),
+                                   ("max", lambda e: approx.row_max(e, 4).squeeze(-1), enc_rows, rows.max(-1).values),
+                                   ("recip", lambda e: approx.reciprocal(e.abs() + 0.5, -1, 8, 2, steps=4), enc,
+                                    1 / (x.abs() + 0.5))):
+            c = crypten.communicator.get()
+            c.reset_communication_stats()
+            got = fn(arg)
+            stats = c.get_communication_stats()
+            row[name] = [float((got.get_plain_text() - ref).abs().max()), stats["rounds"], stats["bytes"]]
+        out[method] = row
+    return out
+
+
+def test_functions_under_tables_match_lanes16_in_fewer_rounds():
+    for out in _in_fresh_world("_tables_functions_world"):
+        old, new = out["lanes16"], out["tables"]
+        assert new["gelu"][0] < 3e-4 and new["relu"][0] < 2**-15, out
+        assert new["max"][0] < 2 * 2**-6 + 1e-3 and new["recip"][0] < 1e-2, out
+        for name in old:
+            assert new[name][1] < old[name][1] and new[name][2] < old[name][2], (name, out)

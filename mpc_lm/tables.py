@@ -1,0 +1,210 @@
+"""Comparisons from dealer-dealt tables: the sign of a shared lane in one opening plus one or two AND rounds.
+
+Design and measurements: docs/performance.md (lever 9). The setting is the one of the packed
+adder (:func:`mpc_lm.approx._lane_adder`): two computing parties hold integers ``u`` and ``v``
+in [0, 2^L) (bits of their shares of a fixed-point value, L = 16 or 32), and want XOR shares of
+the top bit of ``y = u + v mod 2^L`` (the sign of y read as a signed L-bit number).
+
+For each element the dealer draws a random ``r`` in [0, 2^L) (additively shared: each party
+draws its share from the seed it shares with the dealer) and deals XOR shares of *tables*:
+for the low L - 1 bits of r cut into chunks (7 + 8 bits for L = 16; 7 + 8 + 8 + 8 for L = 32)
+and each possible value t of a chunk, the bits [t < r_k] and, for all chunks but the last,
+[t == r_k]; the top chunk's less-than table is XORed with r's top bit. Online:
+
+1. each party adds its share of r to its lane value; the two sums are opened together
+   (one round, the lanes packed 64 / L per ring word), so both parties learn c = y + r mod 2^L,
+   which is uniform whatever y is;
+2. y's top bit is c's top bit XOR r's top bit XOR [c_low < r_low] (a borrow), and with c
+   public every chunk's [c_k < r_k] and [c_k == r_k] is a local look-up in the tables;
+3. the chunks are combined from the top: lt = lt_hi XOR (eq_hi AND lt_lo), eq = eq_hi AND eq_lo,
+   one round of batched ANDs (bits packed 64 per word) per level of the pairwise tree:
+   1 round for L = 16, 2 for L = 32.
+
+Rounds: 2 (L = 16) or 3 (L = 32) instead of the adder's 5 or 6. Bytes per element and party:
+L / 8 for the opening plus 2 / 8 per AND level (CrypTen's counters count 8 bytes per packed
+word), against about 80 (L = 16) for the adder. The dealer sends party 0 its table shares:
+64 bytes per element for L = 16, 192 for L = 32 (party 1 draws its shares from its seed).
+
+What travels between the parties is c (uniform, since r is uniform and unknown to both) and
+the Beaver-masked AND openings; the dealer receives nothing but the number of elements and L.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._compat import import_crypten, plain_ring
+
+crypten = import_crypten()
+
+#: Chunk widths of the low L - 1 bits, from the top, per lane width L.
+CHUNKS = {16: (7, 8), 32: (7, 8, 8, 8)}
+
+
+def _table_words(bits: int) -> int:
+    return max(1, (1 << bits) // 64)
+
+
+def layout(lane_bits: int) -> tuple[list[tuple[int, int, int, int | None]], int]:
+    """Per chunk (shift, bits, word offset of its less-than table, of its equality table or None);
+    and the words per element."""
+    if lane_bits not in CHUNKS:
+        raise ValueError(f"comparison tables exist for 16- and 32-bit lanes, not {lane_bits}")
+    chunks, offset, shift = [], 0, lane_bits - 1
+    widths = CHUNKS[lane_bits]
+    for k, bits in enumerate(widths):
+        shift -= bits
+        lt = offset
+        offset += _table_words(bits)
+        eq = None
+        if k < len(widths) - 1:
+            eq = offset
+            offset += _table_words(bits)
+        chunks.append((shift, bits, lt, eq))
+    return chunks, offset
+
+
+def words_per_element(lane_bits: int) -> int:
+    return layout(lane_bits)[1]
+
+
+def build(r: torch.Tensor, lane_bits: int) -> torch.Tensor:
+    """The tables of the plain masks ``r`` (int64, shape (n,)), as (n, words) packed bit words (dealer)."""
+    r = r.reshape(-1) & ((1 << lane_bits) - 1)
+    top = (r >> (lane_bits - 1)) & 1
+    chunks, _ = layout(lane_bits)
+    columns = []
+    for k, (shift, bits, _, eq) in enumerate(chunks):
+        value = (r >> shift) & ((1 << bits) - 1)
+        starts = torch.arange(_table_words(bits), device=r.device, dtype=torch.long) * 64
+        d = value.unsqueeze(1) - starts.unsqueeze(0)  # how many of the word's 64 entries are below r_k
+        one = torch.ones_like(d)
+        below = torch.where(d >= 64, -one, torch.where(d <= 0, 0 * one, (one << d.clamp(0, 63)) - 1))
+        if k == 0:
+            below = below ^ (-top).unsqueeze(1)  # fold r's top bit into the top chunk's table
+        columns.append(below)
+        if eq is not None:
+            columns.append(torch.where((d >= 0) & (d < 64), one << d.clamp(0, 63), 0 * one))
+    return torch.cat(columns, 1)
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 int64 tensor (n,) to ceil(n / 64) words."""
+    n = bits.numel()
+    pad = (-n) % 64
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    shifts = torch.arange(64, device=bits.device, dtype=torch.long)
+    return (bits.view(-1, 64) << shifts).sum(1)
+
+
+def _unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
+    shifts = torch.arange(64, device=words.device, dtype=torch.long)
+    return ((words.unsqueeze(1) >> shifts) & 1).reshape(-1)[:n]
+
+
+def _pack_lanes(values: torch.Tensor, lane_bits: int) -> torch.Tensor:
+    lanes = 64 // lane_bits
+    n = values.numel()
+    if n % lanes:
+        values = torch.cat([values, values.new_zeros(lanes - n % lanes)])
+    word = values[0::lanes]
+    for j in range(1, lanes):
+        word = word | (values[j::lanes] << (j * lane_bits))
+    return word
+
+
+def _unpack_lanes(words: torch.Tensor, lane_bits: int, n: int) -> torch.Tensor:
+    lanes = 64 // lane_bits
+    parts = [(words >> (j * lane_bits)) & ((1 << lane_bits) - 1) for j in range(lanes)]
+    return torch.stack(parts, 1).reshape(-1)[:n]
+
+
+def key(n: int, lane_bits: int, device):
+    """This party's (shares of r mod 2^L as int64 (n,), table shares (n, words)) from the current
+    provider, or None when it deals no tables (then the caller uses the adder)."""
+    provider = crypten.mpc.get_default_provider()
+    if hasattr(provider, "comparison_key"):
+        return provider.comparison_key(n, lane_bits, device=device)
+    from crypten.mpc.provider.tfp_provider import TrustedFirstParty
+
+    if isinstance(provider, TrustedFirstParty):  # insecure development mode: party 0 makes the tables
+        return tfp_key(n, lane_bits, device)
+    return None
+
+
+def tfp_key(n: int, lane_bits: int, device):
+    """The key made by party 0 and secret-shared from it (CrypTen's TFP convention)."""
+    from crypten.common.rng import generate_random_ring_element
+    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
+
+    r = generate_random_ring_element((n,), device=device)
+    tables = build(plain_ring(r), lane_bits)
+    r_share = ArithmeticSharedTensor(r, precision=0, src=0).share
+    t_share = BinarySharedTensor(tables, src=0).share
+    return plain_ring(r_share), plain_ring(t_share)
+
+
+def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None):
+    """Protocol (for :func:`mpc_lm.approx.lockstep`), same contract as the adder: the top bit of
+    ``values`` (this party's) plus the other party's, mod 2^L, as single-bit XOR shares (a
+    BinarySharedTensor of ``values``' shape). ``dealt``: this party's :func:`key`.
+
+    ``offsets`` (public integers T_1..T_K): instead, the top bits of y - T_k for every k, shape
+    (K, *values' shape), from the SAME opening and tables: c - T_k is public, so each threshold
+    is one more look-up and one more lane in the AND rounds, not another key or opening."""
+    from crypten.mpc.primitives import BinarySharedTensor
+
+    rank = crypten.communicator.get().get_rank()
+    r_share, tables = dealt
+    size = values.size()
+    n = values.numel()
+    full = (1 << lane_bits) - 1
+    mine = (values.reshape(-1) + r_share) & full
+    packed = _pack_lanes(mine, lane_bits)
+    (total,) = yield [("sum", packed, None)]
+    c = (mine + _unpack_lanes(total - packed, lane_bits, n)) & full  # the other party's word: sum - mine
+    if offsets is None:
+        c = c.unsqueeze(0)
+    else:
+        c = (c.unsqueeze(0) - torch.as_tensor(offsets, dtype=torch.long, device=c.device).view(-1, 1)) & full
+    rows = torch.arange(n, device=c.device).unsqueeze(0).expand_as(c)
+
+    def look(offset, index):
+        return (tables[rows, offset + (index >> 6)] >> (index & 63)) & 1
+
+    chunks, _ = layout(lane_bits)
+    nodes = []
+    for shift, bits, lt, eq in chunks:
+        index = (c >> shift) & ((1 << bits) - 1)
+        nodes.append((look(lt, index).reshape(-1), None if eq is None else look(eq, index).reshape(-1)))
+    m = c.numel()
+    while len(nodes) > 1:
+        pairs = [(nodes[i], nodes[i + 1]) for i in range(0, len(nodes) - 1, 2)]
+        left, right = [], []
+        for (_, eq_hi), (lt_lo, eq_lo) in pairs:
+            left.append(eq_hi)
+            right.append(lt_lo)
+            if eq_lo is not None:
+                left.append(eq_hi)
+                right.append(eq_lo)
+        x = BinarySharedTensor.from_shares(torch.stack([_pack_bits(b) for b in left]))
+        y = BinarySharedTensor.from_shares(torch.stack([_pack_bits(b) for b in right]))
+        (prod,) = yield [("and", x, y)]
+        words = plain_ring(prod.share)
+        merged, k = [], 0
+        for (lt_hi, _), (_, eq_lo) in pairs:
+            lt = lt_hi ^ _unpack_bits(words[k], m)
+            k += 1
+            eq = None
+            if eq_lo is not None:
+                eq = _unpack_bits(words[k], m)
+                k += 1
+            merged.append((lt, eq))
+        if len(nodes) % 2:
+            merged.append(nodes[-1])
+        nodes = merged
+    bit = nodes[0][0]
+    if rank == 0:
+        bit = bit ^ (c.reshape(-1) >> (lane_bits - 1))
+    return BinarySharedTensor.from_shares(bit.reshape(size if offsets is None else (len(offsets), *size)))
