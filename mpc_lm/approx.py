@@ -126,13 +126,8 @@ def _lane_adder(values: torch.Tensor, lane_bits: int):
     lanes = 64 // lane_bits
     rank = crypten.communicator.get().get_rank()
     size = values.size()
-    low = values.reshape(-1)
-    n = low.numel()
-    if n % lanes:
-        low = torch.cat([low, low.new_zeros(lanes - n % lanes)])
-    word = low[0::lanes]
-    for j in range(1, lanes):
-        word = word | (low[j::lanes] << (j * lane_bits))
+    n = values.numel()
+    word = tables.pack_lanes(values.reshape(-1), lane_bits)
     zero = torch.zeros_like(word)
     mine = BinarySharedTensor.from_shares(word if rank == 0 else zero)
     theirs = BinarySharedTensor.from_shares(word if rank == 1 else zero)
@@ -333,7 +328,7 @@ def merged_round(requests):
             r_bin, r_arith, b, cc = _bit_triple(provider, x.size(), y.device)
             dealt.append((r_arith, cc))
             z = plain_ring((x ^ r_bin).share) & 1
-            masked += [tables._pack_bits(z.reshape(-1)), plain_ring(y._tensor.share) - plain_ring(b.share)]
+            masked += [tables.pack_bits(z.reshape(-1)), plain_ring(y._tensor.share) - plain_ring(b.share)]
         else:
             raise ValueError(f"unknown merged request {kind!r}")
     flat = c.all_reduce(torch.cat([m.reshape(-1) for m in masked]))
@@ -369,7 +364,7 @@ def merged_round(requests):
             out.append(result)
         elif kind == "bit_mul":
             # z = b xor r from the packed words (the other party's: the sum minus mine); r v = c + r dlt
-            zbit = tables._unpack_bits(masked[k] ^ (opened[k] - masked[k]), x.numel()).view(x.size())
+            zbit = tables.unpack_bits(masked[k] ^ (opened[k] - masked[k]), x.numel()).view(x.size())
             dlt = opened[k + 1]
             k += 2
             r_arith, cc = rnd

@@ -88,7 +88,7 @@ def build(r: torch.Tensor, lane_bits: int) -> torch.Tensor:
     return torch.cat(columns, 1)
 
 
-def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """0/1 int64 tensor (n,) to ceil(n / 64) words."""
     n = bits.numel()
     pad = (-n) % 64
@@ -98,12 +98,13 @@ def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (bits.view(-1, 64) << shifts).sum(1)
 
 
-def _unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
+def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     shifts = torch.arange(64, device=words.device, dtype=torch.long)
     return ((words.unsqueeze(1) >> shifts) & 1).reshape(-1)[:n]
 
 
-def _pack_lanes(values: torch.Tensor, lane_bits: int) -> torch.Tensor:
+def pack_lanes(values: torch.Tensor, lane_bits: int) -> torch.Tensor:
+    """Integers in [0, 2^lane_bits) (n,) to ceil(n / lanes) words, 64 / lane_bits lanes per word."""
     lanes = 64 // lane_bits
     n = values.numel()
     if n % lanes:
@@ -114,7 +115,7 @@ def _pack_lanes(values: torch.Tensor, lane_bits: int) -> torch.Tensor:
     return word
 
 
-def _unpack_lanes(words: torch.Tensor, lane_bits: int, n: int) -> torch.Tensor:
+def unpack_lanes(words: torch.Tensor, lane_bits: int, n: int) -> torch.Tensor:
     lanes = 64 // lane_bits
     parts = [(words >> (j * lane_bits)) & ((1 << lane_bits) - 1) for j in range(lanes)]
     return torch.stack(parts, 1).reshape(-1)[:n]
@@ -161,9 +162,9 @@ def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None):
     n = values.numel()
     full = (1 << lane_bits) - 1
     mine = (values.reshape(-1) + r_share) & full
-    packed = _pack_lanes(mine, lane_bits)
+    packed = pack_lanes(mine, lane_bits)
     (total,) = yield [("sum", packed, None)]
-    c = (mine + _unpack_lanes(total - packed, lane_bits, n)) & full  # the other party's word: sum - mine
+    c = (mine + unpack_lanes(total - packed, lane_bits, n)) & full  # the other party's word: sum - mine
     if offsets is None:
         c = c.unsqueeze(0)
     else:
@@ -188,17 +189,17 @@ def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None):
             if eq_lo is not None:
                 left.append(eq_hi)
                 right.append(eq_lo)
-        x = BinarySharedTensor.from_shares(torch.stack([_pack_bits(b) for b in left]))
-        y = BinarySharedTensor.from_shares(torch.stack([_pack_bits(b) for b in right]))
+        x = BinarySharedTensor.from_shares(torch.stack([pack_bits(b) for b in left]))
+        y = BinarySharedTensor.from_shares(torch.stack([pack_bits(b) for b in right]))
         (prod,) = yield [("and", x, y)]
         words = plain_ring(prod.share)
         merged, k = [], 0
         for (lt_hi, _), (_, eq_lo) in pairs:
-            lt = lt_hi ^ _unpack_bits(words[k], m)
+            lt = lt_hi ^ unpack_bits(words[k], m)
             k += 1
             eq = None
             if eq_lo is not None:
-                eq = _unpack_bits(words[k], m)
+                eq = unpack_bits(words[k], m)
                 k += 1
             merged.append((lt, eq))
         if len(nodes) % 2:

@@ -264,7 +264,7 @@ def _tables_world():
                                         tables.key(4096, lane_bits, None))
         request = next(protocol)
         (total,) = approx.merged_round(request)
-        theirs = tables._unpack_lanes(total - request[0][1], lane_bits, 4096).double() / full
+        theirs = tables.unpack_lanes(total - request[0][1], lane_bits, 4096).double() / full
         out[str(lane_bits)] = [int((got != want).sum()), stats["rounds"], stats["bytes"] / y.numel(),
                                float(theirs.mean()), float((theirs < 0.5).double().mean())]
     return out
