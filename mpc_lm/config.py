@@ -109,11 +109,14 @@ class Approximations(_Strict):
     precision_bits: int = Field(16, ge=8, le=24)
     gelu: Literal["poly", "erf", "sigmoid"] = "poly"
     exp_iterations: int = Field(8, ge=4, le=12)
-    reciprocal_iterations: int = Field(2, ge=1, le=20, description="Newton steps after the bucketed guess "
-                                       "(2 with 4 guess steps per octave reach ~1e-4 relative error)")
-    inv_sqrt_iterations: int = Field(2, ge=1, le=10, description="Newton steps after the bucketed guess")
-    guess_steps_per_octave: int = Field(4, ge=1, le=16, description="thresholds per octave of the first guess of "
-                                        "1/x and 1/sqrt(x): more cost comparison bytes, save Newton rounds")
+    reciprocal_iterations: int = Field(1, ge=1, le=20, description="Newton steps after the bucketed guess "
+                                       "(1 with 16 guess steps per octave, or 2 with 4, reach the fixed-point "
+                                       "floor, ~2e-3 relative at 1/128)")
+    inv_sqrt_iterations: int = Field(1, ge=1, le=10, description="Newton steps after the bucketed guess "
+                                     "(1 with 16 guess steps per octave, or 2 with 4)")
+    guess_steps_per_octave: int = Field(16, ge=1, le=16, description="thresholds per octave of the first guess of "
+                                        "1/x and 1/sqrt(x): more cost comparison bytes (few with comparison "
+                                        "tables: all thresholds share one opening), save Newton rounds")
     comparison: Literal["tables", "lanes16", "packed32", "crypten"] = Field(
         "tables", description="tables: the widths of lanes16, each sign read from comparison tables the dealer "
         "deals (one opening + one AND round for 16-bit lanes, + two for 32-bit; ~20 bytes per element instead of "
