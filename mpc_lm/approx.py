@@ -107,7 +107,7 @@ def _lane_values(x, lane_bits: int, drop: int) -> torch.Tensor:
     The two parties' values add up to floor(x / 2^drop) - c mod 2^lane_bits, c in {0, 1}
     (see :func:`_ltz_lanes`); differences of them are shares of differences, exactly.
     """
-    if 64 % lane_bits or drop + lane_bits > 64:
+    if drop + lane_bits > 64:
         raise ValueError(f"lanes of {lane_bits} bits from bit {drop} do not fit a 64-bit ring element")
     plain = plain_ring(x._tensor.share)
     return (plain >> drop) & ((1 << lane_bits) - 1) if lane_bits < 64 else plain
@@ -123,6 +123,8 @@ def _lane_adder(values: torch.Tensor, lane_bits: int):
     """
     from crypten.mpc.primitives import BinarySharedTensor
 
+    if 64 % lane_bits:
+        raise ValueError(f"the adder packs lanes that divide 64 bits, not {lane_bits}")
     lanes = 64 // lane_bits
     rank = crypten.communicator.get().get_rank()
     size = values.size()
@@ -177,6 +179,11 @@ def _ltz_of_lanes(values: torch.Tensor, lane_bits: int, like):
 #: real units (512), and x in [0, 2^(COARSE_DROP-16)) (2^-6) may read as negative.
 COARSE_DROP = 10
 
+#: Under ``tables`` the row max compares bits MAX_DROP .. MAX_DROP+9 of the shares (10-bit lanes, one
+#: table chunk: the comparison is its opening alone): |differences| < 2^(MAX_DROP-7) real units (256),
+#: and the winner may be up to 2 x 2^(MAX_DROP-16) (1.0) below the true maximum (softmax is shift-invariant).
+MAX_LANES, MAX_DROP = 10, 15
+
 
 def ge0(x, coarse: bool = False):
     """[x >= 0] as a 0/1 share with scale 1 (like CrypTen's ``ge``), by :data:`COMPARISON`.
@@ -221,7 +228,7 @@ def ge_many(x, thresholds, packed_ok: bool = True, coarse: bool = False):
     return as_fixed(ge_bits(x, thresholds, packed_ok, coarse))
 
 
-def _ge_protocol(x, thresholds, coarse: bool = False):
+def _ge_protocol(x, thresholds, coarse: bool = False, lanes=None):
     """A :func:`lockstep` protocol for [x < t] for each public t as single-bit XOR shares (shape
     (K, *x.shape); flip with ``^ 1`` for [x >= t]), or None when :data:`COMPARISON` has no packed
     circuit here (CrypTen's circuit or more than two parties).
@@ -234,6 +241,8 @@ def _ge_protocol(x, thresholds, coarse: bool = False):
     if method not in _PACKED or crypten.communicator.get().get_world_size() != 2:
         return None
     lane_bits, drop = (16, COARSE_DROP) if coarse and method != "packed32" else (32, 0)
+    if method == "tables" and lanes is not None:
+        lane_bits, drop = lanes
     if method == "tables":
         dealt = tables.key(x.numel(), lane_bits, x.device)
         if dealt is not None:
@@ -245,11 +254,12 @@ def _ge_protocol(x, thresholds, coarse: bool = False):
     return _sign(_lane_values(stacked, lane_bits, drop), lane_bits)
 
 
-def ge_binary(x, thresholds, coarse: bool = False):
+def ge_binary(x, thresholds, coarse: bool = False, lanes=None):
     """[x >= t] for each public t as single-bit XOR shares (BinarySharedTensor, shape (K, *x.shape)),
     before any conversion, for :func:`bits_times`; None when :data:`COMPARISON` has no packed
-    circuit here (CrypTen's circuit or more than two parties): then use :func:`ge_many`."""
-    protocol = _ge_protocol(x, thresholds, coarse)
+    circuit here (CrypTen's circuit or more than two parties): then use :func:`ge_many`.
+    ``lanes`` (lane bits, dropped bits): other truncated lanes under ``tables`` (the row max's)."""
+    protocol = _ge_protocol(x, thresholds, coarse, lanes)
     return None if protocol is None else lockstep(protocol)[0] ^ 1
 
 
@@ -643,7 +653,7 @@ def exp_nonpositive(x, iterations: int):
     return result
 
 
-def row_max(x, arity: int = 2):
+def row_max(x, arity: int = 2, shift_only: bool = False):
     """Maximum over the last dimension by a comparison tournament.
 
     ``arity`` 2: max(a, b) = b + (a - b)[a >= b]; C + 1 rounds per level,
@@ -653,7 +663,13 @@ def row_max(x, arity: int = 2):
     levels (a last pair costs C + 1), about 2 n comparisons (docs/performance.md).
     Ties go to the first maximal element, so exactly one indicator is 1: the comparisons
     of a group are consistent (:func:`_group_ge_binary`).
+
+    ``shift_only=True`` (a softmax's shift, which only needs an element within a little of the
+    maximum): under ``tables`` the comparisons read the coarse one-chunk lanes (:data:`MAX_LANES`),
+    one opening each; the result is an element at most 1.0 below the maximum, for
+    |differences| < 256.
     """
+    lanes = (MAX_LANES, MAX_DROP) if shift_only and COMPARISON["method"] == "tables" else None
     if arity not in (2, 4):
         raise ValueError(f"row_max arity must be 2 or 4, not {arity}")
     while x.size(-1) > 1:
@@ -662,7 +678,7 @@ def row_max(x, arity: int = 2):
             half = n // 2
             a, b = x[..., :half], x[..., half : 2 * half]
             diff = a - b
-            bits = ge_binary(diff, [0.0], coarse=True)  # picks a or b: a flip costs < 2^-6
+            bits = ge_binary(diff, [0.0], coarse=True, lanes=lanes)  # picks a or b: a flip costs < the lanes' step
             m = b + (bits_times([(bits[0], diff)])[0] if bits is not None else diff * as_fixed(ge0(diff, coarse=True)))
             x = crypten.cat([m, x[..., 2 * half :]], dim=-1) if n % 2 else m
             continue
@@ -671,7 +687,7 @@ def row_max(x, arity: int = 2):
         g = head.reshape(*head.size()[:-1], groups, 4)
         cols = [g[..., i] for i in range(4)]
         pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
-        bits = _group_ge_binary(cols, pairs)
+        bits = _group_ge_binary(cols, pairs, lanes)
         if bits is not None:
             # [x_j > x_i] = [x_i >= x_j] xor 1; round 1: f1 & f2 (binary) and f3 x_i (the bit
             # converted inside the product); round 2: (f1 f2) (f3 x_i), the bit converted again
@@ -703,7 +719,7 @@ def row_max(x, arity: int = 2):
     return x
 
 
-def _group_ge_binary(cols, pairs):
+def _group_ge_binary(cols, pairs, lanes=None):
     """[x_i >= x_j] for the (i, j) in ``pairs``, stacked, as single-bit XOR shares (before
     conversion); consistent. Two parties with packed or truncated comparisons; None otherwise
     (then exact comparisons of the differences with CrypTen's circuit).
@@ -721,9 +737,10 @@ def _group_ge_binary(cols, pairs):
     if method not in _PACKED or crypten.communicator.get().get_world_size() != 2:
         return None
     if method != "packed32":  # lanes16, tables: consistent, each element truncated once (see above)
-        t = [_lane_values(c, 16, COARSE_DROP) for c in cols]
-        values = torch.stack([(t[i] - t[j]) & 0xFFFF for i, j in pairs])
-        (below,) = lockstep(_sign(values, 16))
+        lane_bits, drop = lanes if lanes is not None and method == "tables" else (16, COARSE_DROP)
+        t = [_lane_values(c, lane_bits, drop) for c in cols]
+        values = torch.stack([(t[i] - t[j]) & ((1 << lane_bits) - 1) for i, j in pairs])
+        (below,) = lockstep(_sign(values, lane_bits))
     else:  # packed32
         diffs = crypten.stack([cols[i] - cols[j] for i, j in pairs])
         (below,) = lockstep(_sign(_lane_values(diffs, 32, 0), 32))
@@ -742,15 +759,15 @@ def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int = 1, coa
     Inputs below 2^lo_exp get the guess of the lowest bucket, above 2^hi_exp the highest.
     Cost: one C on ``steps * (hi_exp - lo_exp)`` elements per input; the selection is local.
 
-    ``coarse=True`` (callers whose input stays below 2^hi_exp, e.g. a softmax row sum
-    <= T) uses the truncated comparisons of :func:`ge0` when every x - t stays inside their
-    range (2^hi_exp <= 2^(COARSE_DROP - 2)) and the lowest threshold is far above their
+    ``coarse=True`` (callers whose input x is in (0, 2^hi_exp], e.g. a softmax row sum
+    <= T e) uses the truncated comparisons of :func:`ge0` when every x - t stays inside their
+    range (|x - t| < 2^hi_exp <= 2^(COARSE_DROP - 1)) and the lowest threshold is far above their
     window: a flip then reads x in [t, t + 2^-6) as just below t, i.e. the guess of the
     adjacent bucket, within a factor 2^(1/(2 steps)) (1 + 2^-6 / t) of the truth instead of
     2^(1/(2 steps)) (0.125 instead of 0.091 for 4 steps, t >= 1/2). Otherwise exact.
     """
     ks = list(range(lo_exp * steps + 1, hi_exp * steps + 1))
-    coarse = coarse and hi_exp <= COARSE_DROP - 2 and lo_exp >= -1
+    coarse = coarse and hi_exp <= COARSE_DROP - 1 and lo_exp >= -1
     # packed comparisons of x - t are exact while x < packed_limit() (2^15): thresholds up to half
     # of it leave inputs up to twice the top threshold exact (beyond that the top bucket's guess
     # is too far off for Newton anyway)
@@ -846,9 +863,10 @@ def masked_softmax(scores, key_mask, exp_iterations: int, reciprocal_iterations:
     folded into the normalisation, :func:`scaled_reciprocal`).
     """
     shifted = scores + (key_mask - 1) * MASK_PENALTY
-    shifted = shifted - row_max(shifted, max_arity)
+    shifted = shifted - row_max(shifted, max_arity, shift_only=True)
     e = exp_nonpositive(shifted, exp_iterations) * key_mask
     total = e.sum(dim=-1, keepdim=True)
-    hi_exp = max(1, math.ceil(math.log2(scores.size(-1))) + 1)
+    # the max may be up to 1.0 below the true one under ``tables`` (MAX_LANES): terms up to e, sums up to T e
+    hi_exp = max(1, math.ceil(math.log2(scores.size(-1))) + (2 if COMPARISON["method"] == "tables" else 1))
     return scaled_reciprocal(total, e, -1, hi_exp, reciprocal_iterations, steps, coarse=True)  # total <= T
 

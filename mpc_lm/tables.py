@@ -37,8 +37,9 @@ from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
 
-#: Chunk widths of the low L - 1 bits, from the top, per lane width L.
-CHUNKS = {16: (7, 8), 32: (7, 8, 8, 8)}
+#: Chunk widths of the low L - 1 bits, from the top, per lane width L (10: the row max's coarse
+#: lanes, one chunk, so its comparisons take the opening alone).
+CHUNKS = {10: (9,), 16: (7, 8), 32: (7, 8, 8, 8)}
 
 
 def _table_words(bits: int) -> int:
@@ -49,7 +50,7 @@ def layout(lane_bits: int) -> tuple[list[tuple[int, int, int, int | None]], int]
     """Per chunk (shift, bits, word offset of its less-than table, of its equality table or None);
     and the words per element."""
     if lane_bits not in CHUNKS:
-        raise ValueError(f"comparison tables exist for 16- and 32-bit lanes, not {lane_bits}")
+        raise ValueError(f"comparison tables exist for {sorted(CHUNKS)}-bit lanes, not {lane_bits}")
     chunks, offset, shift = [], 0, lane_bits - 1
     widths = CHUNKS[lane_bits]
     for k, bits in enumerate(widths):

@@ -286,8 +286,8 @@ def test_comparison_tables_are_exact_in_two_or_three_rounds():
 
 @crypten.mpc.run_multiprocess(world_size=2)
 def _tables_functions_world():
-    """GELU, ReLU and the row max under ``tables`` against the same functions under ``lanes16``:
-    the same truncated lanes, so the same errors, in fewer rounds and bytes."""
+    """GELU, ReLU, the row max and 1/x under ``tables`` against the same functions under ``lanes16``:
+    the same truncated lanes (the max: coarser ones, one table chunk), in fewer rounds and bytes."""
     crypten.cfg.communicator.verbose = True
     g = torch.Generator().manual_seed(23)
     x = torch.cat([torch.linspace(-12, 12, 2001), torch.tensor([-4.0, 4.0, 0.0, 2**-16])])
@@ -300,6 +300,8 @@ def _tables_functions_world():
         for name, fn, arg, ref in (("gelu", approx.gelu, enc, torch.nn.functional.gelu(x)),
                                    ("relu", approx.relu, enc, torch.relu(x)),
                                    ("max", lambda e: approx.row_max(e, 4).squeeze(-1), enc_rows, rows.max(-1).values),
+                                   ("shift", lambda e: approx.row_max(e, 4, shift_only=True).squeeze(-1), enc_rows,
+                                    rows.max(-1).values),
                                    ("recip", lambda e: approx.reciprocal(e.abs() + 0.5, -1, 8, 2, steps=4), enc,
                                     1 / (x.abs() + 0.5))):
             c = crypten.communicator.get()
@@ -316,5 +318,7 @@ def test_functions_under_tables_match_lanes16_in_fewer_rounds():
         old, new = out["lanes16"], out["tables"]
         assert new["gelu"][0] < 3e-4 and new["relu"][0] < 2**-15, out
         assert new["max"][0] < 2 * 2**-6 + 1e-3 and new["recip"][0] < 1e-2, out
+        # a softmax's shift under tables: 10-bit lanes from bit MAX_DROP, one table chunk, within two steps
+        assert new["shift"][0] <= 2 * 2.0 ** (approx.MAX_DROP - 16) and new["shift"][1] < new["max"][1], out
         for name in old:
             assert new[name][1] < old[name][1] and new[name][2] < old[name][2], (name, out)
