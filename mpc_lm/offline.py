@@ -172,7 +172,7 @@ class PlannedDealer(TrustedThirdParty):
         dealer deals party 0's table shares."""
         from . import tables
 
-        words = tables.words_per_element(lane_bits)
+        words = tables.words_per_element(lane_bits, n)
         if self.mode == "pass":
             gen = TTPClient.get().get_generator(device=device)
             r = _ring((n,), gen, device)

@@ -41,39 +41,57 @@ crypten = import_crypten()
 #: lanes, one chunk, so its comparisons take the opening alone).
 CHUNKS = {10: (9,), 16: (7, 8), 32: (7, 8, 8, 8)}
 
+#: Wide chunks for small inputs (a LayerNorm's or a softmax sum's first guess: one element per row):
+#: one AND round fewer (32-bit: 2 rounds; 16-bit: the opening alone) for 16 KB / 4 KB of tables per
+#: element, used while one call's tables stay within WIDE_BYTES.
+WIDE_CHUNKS = {16: (15,), 32: (15, 16)}
+WIDE_BYTES = 32 * 2**20
+
 
 def _table_words(bits: int) -> int:
     return max(1, (1 << bits) // 64)
 
 
-def layout(lane_bits: int) -> tuple[list[tuple[int, int, int, int | None]], int]:
-    """Per chunk (shift, bits, word offset of its less-than table, of its equality table or None);
-    and the words per element."""
+def widths(lane_bits: int, n: int) -> tuple[int, ...]:
+    """The chunk widths for ``n`` elements of ``lane_bits``-bit lanes (public: shapes only)."""
     if lane_bits not in CHUNKS:
         raise ValueError(f"comparison tables exist for {sorted(CHUNKS)}-bit lanes, not {lane_bits}")
+    wide = WIDE_CHUNKS.get(lane_bits)
+    if wide is not None and n * _words(wide) * 8 <= WIDE_BYTES:
+        return wide
+    return CHUNKS[lane_bits]
+
+
+def _words(chunk_widths) -> int:
+    return sum(_table_words(b) * (1 if k == len(chunk_widths) - 1 else 2) for k, b in enumerate(chunk_widths))
+
+
+def layout(lane_bits: int, n: int) -> tuple[list[tuple[int, int, int, int | None]], int]:
+    """Per chunk (shift, bits, word offset of its less-than table, of its equality table or None);
+    and the words per element, for ``n`` elements."""
     chunks, offset, shift = [], 0, lane_bits - 1
-    widths = CHUNKS[lane_bits]
-    for k, bits in enumerate(widths):
+    chunk_widths = widths(lane_bits, n)
+    for k, bits in enumerate(chunk_widths):
         shift -= bits
         lt = offset
         offset += _table_words(bits)
         eq = None
-        if k < len(widths) - 1:
+        if k < len(chunk_widths) - 1:
             eq = offset
             offset += _table_words(bits)
         chunks.append((shift, bits, lt, eq))
     return chunks, offset
 
 
-def words_per_element(lane_bits: int) -> int:
-    return layout(lane_bits)[1]
+def words_per_element(lane_bits: int, n: int) -> int:
+    return layout(lane_bits, n)[1]
 
 
 def build(r: torch.Tensor, lane_bits: int) -> torch.Tensor:
     """The tables of the plain masks ``r`` (int64, shape (n,)), as (n, words) packed bit words (dealer)."""
     r = r.reshape(-1) & ((1 << lane_bits) - 1)
     top = (r >> (lane_bits - 1)) & 1
-    chunks, _ = layout(lane_bits)
+    chunks, _ = layout(lane_bits, r.numel())
     columns = []
     for k, (shift, bits, _, eq) in enumerate(chunks):
         value = (r >> shift) & ((1 << bits) - 1)
@@ -175,7 +193,7 @@ def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None):
     def look(offset, index):
         return (tables[rows, offset + (index >> 6)] >> (index & 63)) & 1
 
-    chunks, _ = layout(lane_bits)
+    chunks, _ = layout(lane_bits, n)
     nodes = []
     for shift, bits, lt, eq in chunks:
         index = (c >> shift) & ((1 << bits) - 1)
