@@ -200,14 +200,15 @@ def ge0(x, coarse: bool = False):
     return x.ge(0)
 
 
-def ge_bits(x, thresholds, packed_ok: bool = True, coarse: bool = False):
+def ge_bits(x, thresholds, packed_ok: bool = True, coarse: bool = False, wide: bool = False):
     """[x >= t] for each public t as 0/1 shares of scale 1, shape (K, *x.shape), in ONE comparison call.
 
-    ``packed_ok=False`` forces CrypTen's 64-bit circuit (inputs that may exceed packed_limit());
-    ``coarse`` as in :func:`ge0`. Under ``tables``, one opening for all thresholds (:func:`_ge_protocol`).
+    ``packed_ok=False`` marks inputs that may exceed packed_limit(): CrypTen's 64-bit circuit, or
+    under ``tables`` tables over the whole 64-bit ring element; ``coarse`` as in :func:`ge0`.
+    Under ``tables``, one opening for all thresholds (:func:`_ge_protocol`).
     """
-    if packed_ok and COMPARISON["method"] == "tables":
-        bits = ge_binary(x, thresholds, coarse)
+    if COMPARISON["method"] == "tables":
+        bits = ge_binary(x, thresholds, coarse and packed_ok, lanes=None if packed_ok else (64, 0), wide=wide)
         if bits is not None:
             from crypten.mpc.primitives.beaver import B2A_single_bit
 
@@ -228,7 +229,7 @@ def ge_many(x, thresholds, packed_ok: bool = True, coarse: bool = False):
     return as_fixed(ge_bits(x, thresholds, packed_ok, coarse))
 
 
-def _ge_protocol(x, thresholds, coarse: bool = False, lanes=None):
+def _ge_protocol(x, thresholds, coarse: bool = False, lanes=None, wide: bool = False):
     """A :func:`lockstep` protocol for [x < t] for each public t as single-bit XOR shares (shape
     (K, *x.shape); flip with ``^ 1`` for [x >= t]), or None when :data:`COMPARISON` has no packed
     circuit here (CrypTen's circuit or more than two parties).
@@ -244,22 +245,23 @@ def _ge_protocol(x, thresholds, coarse: bool = False, lanes=None):
     if method == "tables" and lanes is not None:
         lane_bits, drop = lanes
     if method == "tables":
-        dealt = tables.key(x.numel(), lane_bits, x.device)
+        dealt = tables.key(x.numel(), lane_bits, x.device, wide)
         if dealt is not None:
             encoded = (torch.tensor([float(v) for v in thresholds]) * x.encoder.scale).long()  # as CrypTen encodes t
             offsets = [-((-int(t)) >> drop) for t in encoded]  # ceil(t / 2^drop)
-            return tables.sign_protocol(_lane_values(x, lane_bits, drop), lane_bits, dealt, offsets)
+            return tables.sign_protocol(_lane_values(x, lane_bits, drop), lane_bits, dealt, offsets, wide)
     t = torch.tensor([float(v) for v in thresholds], device=x.device).view(-1, *([1] * x.dim()))
     stacked = x.unsqueeze(0).expand(len(thresholds), *x.size()) - t
     return _sign(_lane_values(stacked, lane_bits, drop), lane_bits)
 
 
-def ge_binary(x, thresholds, coarse: bool = False, lanes=None):
+def ge_binary(x, thresholds, coarse: bool = False, lanes=None, wide: bool = False):
     """[x >= t] for each public t as single-bit XOR shares (BinarySharedTensor, shape (K, *x.shape)),
     before any conversion, for :func:`bits_times`; None when :data:`COMPARISON` has no packed
     circuit here (CrypTen's circuit or more than two parties): then use :func:`ge_many`.
-    ``lanes`` (lane bits, dropped bits): other truncated lanes under ``tables`` (the row max's)."""
-    protocol = _ge_protocol(x, thresholds, coarse, lanes)
+    ``lanes`` (lane bits, dropped bits): other truncated lanes under ``tables`` (the row max's);
+    ``wide``: wide tables for few elements with many thresholds (:data:`mpc_lm.tables.WIDE_CHUNKS`)."""
+    protocol = _ge_protocol(x, thresholds, coarse, lanes, wide)
     return None if protocol is None else lockstep(protocol)[0] ^ 1
 
 
@@ -772,7 +774,7 @@ def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int = 1, coa
     # of it leave inputs up to twice the top threshold exact (beyond that the top bucket's guess
     # is too far off for Newton anyway)
     bits = ge_bits(x, [2.0 ** (k / steps) for k in ks], packed_ok=2.0**hi_exp <= packed_limit() / 2,
-                   coarse=coarse)
+                   coarse=coarse, wide=True)  # one element per row, many thresholds: wide tables
     values = [(2.0 ** ((k + 0.5) / steps)) ** power for k in [lo_exp * steps] + ks]
     encoder = FixedPointEncoder()
     # sum_k bit_k * (value_k - value_{k-1}): exact integer products of the 0/1 shares, one op

@@ -69,12 +69,12 @@ class Dealer(TTPServer):
         pair = torch.stack([r, r * b])
         return pair - plain_ring(self._get_additive_PRSS(pair.size(), remove_rank=True))
 
-    def compare(self, n, lane_bits):
+    def compare(self, n, lane_bits, wide=False):
         """Party 0's shares of the comparison tables of fresh masks r (mpc_lm/tables.py)."""
         from . import tables
 
         r = self._get_additive_PRSS(torch.Size([n]))
-        table = tables.build(plain_ring(r), lane_bits)
+        table = tables.build(plain_ring(r), lane_bits, wide)
         return table ^ plain_ring(self._get_binary_PRSS(table.size(), remove_rank=True))
 
 

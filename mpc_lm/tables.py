@@ -39,26 +39,32 @@ crypten = import_crypten()
 
 #: Chunk widths of the low L - 1 bits, from the top, per lane width L (10: the row max's coarse
 #: lanes, one chunk, so its comparisons take the opening alone).
-CHUNKS = {10: (9,), 16: (7, 8), 32: (7, 8, 8, 8)}
+CHUNKS = {10: (9,), 16: (7, 8), 32: (7, 8, 8, 8), 64: (7, 8, 8, 8, 8, 8, 8, 8)}
 
-#: Wide chunks for small inputs (a LayerNorm's or a softmax sum's first guess: one element per row):
-#: one AND round fewer (32-bit: 2 rounds; 16-bit: the opening alone) for 16 KB / 4 KB of tables per
-#: element, used while one call's tables stay within WIDE_BYTES.
-WIDE_CHUNKS = {16: (15,), 32: (15, 16)}
+#: Wide chunks, asked for by callers with few elements and many thresholds (a LayerNorm's or a softmax
+#: sum's first guess: one element per row): one AND round fewer (32-bit: 2 rounds; 16-bit: the opening
+#: alone) for 16 KB / 4 KB of tables per element, used while one call's tables stay within WIDE_BYTES.
+WIDE_CHUNKS = {16: (15,), 32: (15, 16), 64: (15, 16, 16, 16)}
 WIDE_BYTES = 32 * 2**20
+
+
+def _mask(lane_bits: int) -> int:
+    """The lane's bits as an int64 mask (all ones for the whole 64-bit ring element)."""
+    return -1 if lane_bits == 64 else (1 << lane_bits) - 1
 
 
 def _table_words(bits: int) -> int:
     return max(1, (1 << bits) // 64)
 
 
-def widths(lane_bits: int, n: int) -> tuple[int, ...]:
-    """The chunk widths for ``n`` elements of ``lane_bits``-bit lanes (public: shapes only)."""
+def widths(lane_bits: int, n: int, wide: bool = False) -> tuple[int, ...]:
+    """The chunk widths for ``n`` elements of ``lane_bits``-bit lanes (public: shapes and the caller's
+    ``wide``)."""
     if lane_bits not in CHUNKS:
         raise ValueError(f"comparison tables exist for {sorted(CHUNKS)}-bit lanes, not {lane_bits}")
-    wide = WIDE_CHUNKS.get(lane_bits)
-    if wide is not None and n * _words(wide) * 8 <= WIDE_BYTES:
-        return wide
+    chunks = WIDE_CHUNKS.get(lane_bits)
+    if wide and chunks is not None and n * _words(chunks) * 8 <= WIDE_BYTES:
+        return chunks
     return CHUNKS[lane_bits]
 
 
@@ -66,11 +72,11 @@ def _words(chunk_widths) -> int:
     return sum(_table_words(b) * (1 if k == len(chunk_widths) - 1 else 2) for k, b in enumerate(chunk_widths))
 
 
-def layout(lane_bits: int, n: int) -> tuple[list[tuple[int, int, int, int | None]], int]:
+def layout(lane_bits: int, n: int, wide: bool = False) -> tuple[list[tuple[int, int, int, int | None]], int]:
     """Per chunk (shift, bits, word offset of its less-than table, of its equality table or None);
     and the words per element, for ``n`` elements."""
     chunks, offset, shift = [], 0, lane_bits - 1
-    chunk_widths = widths(lane_bits, n)
+    chunk_widths = widths(lane_bits, n, wide)
     for k, bits in enumerate(chunk_widths):
         shift -= bits
         lt = offset
@@ -83,15 +89,15 @@ def layout(lane_bits: int, n: int) -> tuple[list[tuple[int, int, int, int | None
     return chunks, offset
 
 
-def words_per_element(lane_bits: int, n: int) -> int:
-    return layout(lane_bits, n)[1]
+def words_per_element(lane_bits: int, n: int, wide: bool = False) -> int:
+    return layout(lane_bits, n, wide)[1]
 
 
-def build(r: torch.Tensor, lane_bits: int) -> torch.Tensor:
+def build(r: torch.Tensor, lane_bits: int, wide: bool = False) -> torch.Tensor:
     """The tables of the plain masks ``r`` (int64, shape (n,)), as (n, words) packed bit words (dealer)."""
-    r = r.reshape(-1) & ((1 << lane_bits) - 1)
+    r = r.reshape(-1) & _mask(lane_bits)
     top = (r >> (lane_bits - 1)) & 1
-    chunks, _ = layout(lane_bits, r.numel())
+    chunks, _ = layout(lane_bits, r.numel(), wide)
     columns = []
     for k, (shift, bits, _, eq) in enumerate(chunks):
         value = (r >> shift) & ((1 << bits) - 1)
@@ -136,50 +142,51 @@ def pack_lanes(values: torch.Tensor, lane_bits: int) -> torch.Tensor:
 
 def unpack_lanes(words: torch.Tensor, lane_bits: int, n: int) -> torch.Tensor:
     lanes = 64 // lane_bits
-    parts = [(words >> (j * lane_bits)) & ((1 << lane_bits) - 1) for j in range(lanes)]
+    parts = [(words >> (j * lane_bits)) & _mask(lane_bits) for j in range(lanes)]
     return torch.stack(parts, 1).reshape(-1)[:n]
 
 
-def key(n: int, lane_bits: int, device):
+def key(n: int, lane_bits: int, device, wide: bool = False):
     """This party's (shares of r mod 2^L as int64 (n,), table shares (n, words)) from the current
     provider, or None when it deals no tables (then the caller uses the adder)."""
     provider = crypten.mpc.get_default_provider()
     if hasattr(provider, "comparison_key"):
-        return provider.comparison_key(n, lane_bits, device=device)
+        return provider.comparison_key(n, lane_bits, device=device, wide=wide)
     from crypten.mpc.provider.tfp_provider import TrustedFirstParty
 
     if isinstance(provider, TrustedFirstParty):  # insecure development mode: party 0 makes the tables
-        return tfp_key(n, lane_bits, device)
+        return tfp_key(n, lane_bits, device, wide)
     return None
 
 
-def tfp_key(n: int, lane_bits: int, device):
+def tfp_key(n: int, lane_bits: int, device, wide: bool = False):
     """The key made by party 0 and secret-shared from it (CrypTen's TFP convention)."""
     from crypten.common.rng import generate_random_ring_element
     from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
 
     r = generate_random_ring_element((n,), device=device)
-    tables = build(plain_ring(r), lane_bits)
+    tables = build(plain_ring(r), lane_bits, wide)
     r_share = ArithmeticSharedTensor(r, precision=0, src=0).share
     t_share = BinarySharedTensor(tables, src=0).share
     return plain_ring(r_share), plain_ring(t_share)
 
 
-def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None):
+def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None, wide: bool = False):
     """Protocol (for :func:`mpc_lm.approx.lockstep`), same contract as the adder: the top bit of
     ``values`` (this party's) plus the other party's, mod 2^L, as single-bit XOR shares (a
     BinarySharedTensor of ``values``' shape). ``dealt``: this party's :func:`key`.
 
     ``offsets`` (public integers T_1..T_K): instead, the top bits of y - T_k for every k, shape
     (K, *values' shape), from the SAME opening and tables: c - T_k is public, so each threshold
-    is one more look-up and one more lane in the AND rounds, not another key or opening."""
+    is one more look-up and one more lane in the AND rounds, not another key or opening.
+    ``wide``: as the key was asked for (:func:`widths`)."""
     from crypten.mpc.primitives import BinarySharedTensor
 
     rank = crypten.communicator.get().get_rank()
     r_share, tables = dealt
     size = values.size()
     n = values.numel()
-    full = (1 << lane_bits) - 1
+    full = _mask(lane_bits)
     mine = (values.reshape(-1) + r_share) & full
     packed = pack_lanes(mine, lane_bits)
     (total,) = yield [("sum", packed, None)]
@@ -193,7 +200,7 @@ def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None):
     def look(offset, index):
         return (tables[rows, offset + (index >> 6)] >> (index & 63)) & 1
 
-    chunks, _ = layout(lane_bits, n)
+    chunks, _ = layout(lane_bits, n, wide)
     nodes = []
     for shift, bits, lt, eq in chunks:
         index = (c >> shift) & ((1 << bits) - 1)
@@ -226,5 +233,5 @@ def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None):
         nodes = merged
     bit = nodes[0][0]
     if rank == 0:
-        bit = bit ^ (c.reshape(-1) >> (lane_bits - 1))
+        bit = bit ^ ((c.reshape(-1) >> (lane_bits - 1)) & 1)
     return BinarySharedTensor.from_shares(bit.reshape(size if offsets is None else (len(offsets), *size)))
