@@ -51,9 +51,10 @@ def as_fixed(bits):
 
 # ---------------------------------------------------------------- comparisons
 
-#: How comparisons are computed: "lanes16" (packed32, and 16-bit truncated lanes where ge0(coarse=True)), "packed32" (two 32-bit lanes per ring word; 2 parties;
-#: inputs |x| < packed_limit(), 2^15 at 16 fractional bits) or "crypten" (CrypTen's 64-bit circuit). Set once per process from
-#: ``approx.comparison`` by the party runtime (docs/performance.md).
+#: How comparisons are computed: "tables" (lanes16's widths, each sign read from dealt tables: mpc_lm/tables.py),
+#: "lanes16" (packed32, and 16-bit truncated lanes where ge0(coarse=True)), "packed32" (two 32-bit lanes per ring word;
+#: 2 parties; inputs |x| < packed_limit(), 2^15 at 16 fractional bits) or "crypten" (CrypTen's 64-bit circuit). Set once
+#: per process from ``approx.comparison`` by the party runtime (docs/performance.md).
 COMPARISON = {"method": "crypten"}
 
 #: The methods with 2-party packed circuits: "tables" has lanes16's widths, its signs from dealt tables.
