@@ -164,16 +164,22 @@ def _sign(values: torch.Tensor, lane_bits: int):
     return _lane_adder(values, lane_bits)
 
 
-def _ltz_of_lanes(values: torch.Tensor, lane_bits: int, like):
-    """[v < 0] for v the lane-wise sum of both parties' ``values`` mod 2^lane_bits, read as signed:
-    :func:`_sign`, then B2A. ``like``: an MPCTensor of the same shape, cloned for the result."""
+def _converted(bits, like):
+    """Single-bit XOR shares as 0/1 arithmetic shares of scale 1 (CrypTen's B2A, one round), in an
+    MPCTensor cloned from ``like`` (same shape)."""
     from crypten.mpc.primitives.beaver import B2A_single_bit
 
-    (bits,) = lockstep(_sign(values, lane_bits))
     out = like.clone()
     out._tensor = B2A_single_bit(bits)
     out.encoder._scale = 1
     return out
+
+
+def _ltz_of_lanes(values: torch.Tensor, lane_bits: int, like):
+    """[v < 0] for v the lane-wise sum of both parties' ``values`` mod 2^lane_bits, read as signed:
+    :func:`_sign`, then B2A. ``like``: an MPCTensor of the same shape, cloned for the result."""
+    (bits,) = lockstep(_sign(values, lane_bits))
+    return _converted(bits, like)
 
 
 #: ``lanes16`` comparisons read bits COARSE_DROP .. COARSE_DROP+15 of the shares: |x| < 2^(COARSE_DROP-1)
@@ -211,12 +217,7 @@ def ge_bits(x, thresholds, packed_ok: bool = True, coarse: bool = False, wide: b
     if COMPARISON["method"] == "tables":
         bits = ge_binary(x, thresholds, coarse and packed_ok, lanes=None if packed_ok else (64, 0), wide=wide)
         if bits is not None:
-            from crypten.mpc.primitives.beaver import B2A_single_bit
-
-            out = x.unsqueeze(0).expand(len(thresholds), *x.size()).clone()
-            out._tensor = B2A_single_bit(bits)
-            out.encoder._scale = 1
-            return out
+            return _converted(bits, x.unsqueeze(0).expand(len(thresholds), *x.size()))
     t = torch.tensor([float(v) for v in thresholds], device=x.device).view(-1, *([1] * x.dim()))
     stacked = x.unsqueeze(0).expand(len(thresholds), *x.size()) - t
     return ge0(stacked, coarse) if packed_ok else stacked.ge(0)
@@ -316,7 +317,8 @@ def merged_round(requests):
             dealt.append(None)
             masked.append(x)
         elif kind == "products":
-            a, cc = _product_triples(provider, x[0].size(), len(x), y, x[0].device)
+            a, cc = _dealt(provider, "product_triples", _tfp_product_triples, x[0].size(), len(x), y,
+                           device=x[0].device)
             dealt.append((a, cc))
             masked.append(torch.stack([plain_ring(v._tensor.share) for v in x]) - a)
         elif kind == "mul" and y is x:
@@ -338,7 +340,7 @@ def merged_round(requests):
                 raise ValueError("merged bit products need exactly two computing parties")
             if tuple(x.size()) != tuple(y.size()):
                 raise ValueError(f"bit_mul needs a bit per value: {tuple(x.size())} vs {tuple(y.size())}")
-            r_bin, r_arith, b, cc = _bit_triple(provider, x.size(), y.device)
+            r_bin, r_arith, b, cc = _dealt(provider, "bit_triple", _tfp_bit_triple, x.size(), device=y.device)
             dealt.append((r_arith, cc))
             z = plain_ring((x ^ r_bin).share) & 1
             masked += [tables.pack_bits(z.reshape(-1)), plain_ring(y._tensor.share) - plain_ring(b.share)]
@@ -402,35 +404,33 @@ def merged_round(requests):
     return out
 
 
-def _product_triples(provider, size, m, pairs, device):
-    """(a, c) for ``products``: the dealer's (mpc_lm/offline.py), or under the insecure TFP provider
-    drawn by party 0 and shared from it."""
-    if hasattr(provider, "product_triples"):
-        return provider.product_triples(size, m, pairs, device=device)
-    from crypten.common.rng import generate_random_ring_element
-    from crypten.mpc.primitives import ArithmeticSharedTensor
+def _dealt(provider, name: str, tfp_draw, *args, device=None):
+    """The provider's ``name(*args, device=device)`` (mpc_lm/offline.py's dealer), or under the
+    insecure TFP provider ``tfp_draw(*args, device)``: party 0 draws and shares (CrypTen's TFP
+    convention)."""
+    if hasattr(provider, name):
+        return getattr(provider, name)(*args, device=device)
     from crypten.mpc.provider.tfp_provider import TrustedFirstParty
 
     if not isinstance(provider, TrustedFirstParty):
-        raise RuntimeError(f"provider {type(provider).__name__} deals no product triples: install mpc_lm.offline's "
+        raise RuntimeError(f"provider {type(provider).__name__} has no {name}: install mpc_lm.offline's "
                            "PlannedDealer (the party runtime does) or use TFP in development")
+    return tfp_draw(*args, device)
+
+
+def _tfp_product_triples(size, m, pairs, device):
+    from crypten.common.rng import generate_random_ring_element
+    from crypten.mpc.primitives import ArithmeticSharedTensor
+
     a = plain_ring(generate_random_ring_element((m, *size), device=device))
     c = torch.stack([a[i] * a[j] for i, j in pairs])
     return tuple(plain_ring(ArithmeticSharedTensor(t, precision=0, src=0).share) for t in (a, c))
 
 
-def _bit_triple(provider, size, device):
-    """(r_bin, r_arith, b, c) for ``bit_mul``: the dealer's (mpc_lm/offline.py), or under the insecure
-    TFP provider drawn by party 0 and shared from it (CrypTen's TFP convention)."""
-    if hasattr(provider, "bit_triple"):
-        return provider.bit_triple(size, device=device)
+def _tfp_bit_triple(size, device):
     from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
     from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
-    from crypten.mpc.provider.tfp_provider import TrustedFirstParty
 
-    if not isinstance(provider, TrustedFirstParty):
-        raise RuntimeError(f"provider {type(provider).__name__} deals no bit triples: install mpc_lm.offline's "
-                           "PlannedDealer (the party runtime does) or use TFP in development")
     r = generate_kbit_random_tensor(size, bitlength=1, device=device)
     b = generate_random_ring_element(size, device=device)
     c = plain_ring(r) * plain_ring(b)

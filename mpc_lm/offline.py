@@ -98,14 +98,20 @@ class PlannedDealer(TrustedThirdParty):
 
     def _shares(self, function, device, seeded, dealt, args=(), kwargs=None):
         """Plain shares: ``seeded`` [(size, draw)] every party draws from its dealer seed, then the
-        ``dealt`` (size, draw) share, which party 0 takes from the plan's queue instead."""
+        ``dealt`` (size, draw) share, which party 0 instead takes from the plan's queue (replay)
+        or asks the dealer's ``function(*args, **kwargs)`` for (pass)."""
         if self.mode == "record":
             self._record(function, device, dealt[0], *args, **(kwargs or {}))
             return [_zeros(size, device) for size, _ in seeded + [dealt]]
         gen = TTPClient.get().get_generator(device=device)
         out = [draw(size, gen, device) for size, draw in seeded]
         size, draw = dealt
-        out.append(self._take(function, size) if comm.get().get_rank() == 0 else draw(size, gen, device))
+        if comm.get().get_rank() != 0:
+            out.append(draw(size, gen, device))
+        elif self.mode == "replay":
+            out.append(self._take(function, size))
+        else:
+            out.append(TTPClient.get().ttp_request(function, device, *args, **(kwargs or {})))
         return out
 
     # -- the five TTP functions
@@ -154,16 +160,7 @@ class PlannedDealer(TrustedThirdParty):
         """(a, c) with c = a @ B for the mask B of a :class:`mpc_lm.premask.MaskedWeight`."""
         c_size = _result_size("matmul", size_x, tuple(weight.size()))
         args = (tuple(size_x), weight.wid, weight.transposed)
-        if self.mode == "pass":
-            gen = TTPClient.get().get_generator(device=device)
-            a = _ring(size_x, gen, device)
-            if comm.get().get_rank() == 0:
-                c = TTPClient.get().ttp_request("masked", device, *args)
-            else:
-                c = _ring(c_size, gen, device)
-            shares = [a, c]
-        else:
-            shares = self._shares("masked", device, [(size_x, _ring)], (c_size, _ring), args)
+        shares = self._shares("masked", device, [(size_x, _ring)], (c_size, _ring), args)
         return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in shares)
 
     def comparison_key(self, n: int, lane_bits: int, device=None, wide: bool = False):
@@ -173,16 +170,7 @@ class PlannedDealer(TrustedThirdParty):
         from . import tables
 
         words = tables.words_per_element(lane_bits, n, wide)
-        if self.mode == "pass":
-            gen = TTPClient.get().get_generator(device=device)
-            r = _ring((n,), gen, device)
-            if comm.get().get_rank() == 0:
-                t = TTPClient.get().ttp_request("compare", device, n, lane_bits, wide)
-            else:
-                t = _bits((n, words), gen, device)
-            shares = [r, t]
-        else:
-            shares = self._shares("compare", device, [((n,), _ring)], ((n, words), _bits), (n, lane_bits, wide))
+        shares = self._shares("compare", device, [((n,), _ring)], ((n, words), _bits), (n, lane_bits, wide))
         return tuple(plain_ring(t) for t in shares)
 
     def product_triples(self, size, m: int, pairs, device=None):
@@ -192,15 +180,7 @@ class PlannedDealer(TrustedThirdParty):
         size = torch.Size(size)
         masks, products = torch.Size([m, *size]), torch.Size([len(pairs), *size])
         pairs = tuple((int(i), int(j)) for i, j in pairs)
-        if self.mode == "pass":
-            gen = TTPClient.get().get_generator(device=device)
-            a = _ring(masks, gen, device)
-            if comm.get().get_rank() == 0:
-                c = TTPClient.get().ttp_request("products", device, size, m, pairs)
-            else:
-                c = _ring(products, gen, device)
-        else:
-            a, c = self._shares("products", device, [(masks, _ring)], (products, _ring), (size, m, pairs))
+        a, c = self._shares("products", device, [(masks, _ring)], (products, _ring), (size, m, pairs))
         return plain_ring(a), plain_ring(c)
 
     def bit_triple(self, size, device=None):
@@ -210,15 +190,7 @@ class PlannedDealer(TrustedThirdParty):
         r_arith and c (stacked)."""
         size = torch.Size(size)
         pair = torch.Size([2, *size])
-        if self.mode == "pass":
-            gen = TTPClient.get().get_generator(device=device)
-            r_bin, b = _bit(size, gen, device), _ring(size, gen, device)
-            if comm.get().get_rank() == 0:
-                dealt = TTPClient.get().ttp_request("bit_triple", device, size)
-            else:
-                dealt = _ring(pair, gen, device)
-        else:
-            r_bin, b, dealt = self._shares("bit_triple", device, [(size, _bit), (size, _ring)], (pair, _ring), (size,))
+        r_bin, b, dealt = self._shares("bit_triple", device, [(size, _bit), (size, _ring)], (pair, _ring), (size,))
         r_arith, c = plain_ring(dealt).unbind(0)
         return (BinarySharedTensor.from_shares(r_bin),
                 *(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (r_arith, b, c)))
