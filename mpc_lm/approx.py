@@ -304,7 +304,15 @@ def merged_round(requests):
       shape, the bit's conversion included (two parties): with a dealer bit triple (r as XOR and
       arithmetic shares, a ring tensor b', c = r b'), z = b xor r is opened as packed bits (64 per
       word; each party reads the other's word from the sum) together with v - b', and
-      b v = z v + (1 - 2 z)(r v) with r v = c + r (v - b'). No truncation (b is 0/1).
+      b v = z v + (1 - 2 z)(r v) with r v = c + r (v - b'). No truncation (b is 0/1);
+    * ``("bit_square", b, u)``: b * u^2 for single-bit XOR shares b and an MPCTensor u of the same
+      shape (two parties): with a dealer bit-square tuple (r as XOR and arithmetic shares, a mask
+      a of u, a^2, r a, r a^2), z = b xor r (packed bits) and d = u - a are opened together;
+      u^2 = d^2 + 2 d a + a^2, r u^2 = r d^2 + 2 d (r a) + r a^2, and b u^2 = z u^2 + (1 - 2 z) r u^2,
+      truncated once like a square;
+    * ``("b2a", b, like)``: single-bit XOR shares b as 0/1 arithmetic shares of scale 1 (CrypTen's
+      B2A: z = b xor r opened, here as packed bits, and b = z + (1 - 2 z) r), in an MPCTensor
+      cloned from ``like`` (b's shape).
 
     Returns the results in order (MPCTensor, BinarySharedTensor, plain tensor, MPCTensor).
     """
@@ -344,6 +352,21 @@ def merged_round(requests):
             dealt.append((r_arith, cc))
             z = plain_ring((x ^ r_bin).share) & 1
             masked += [tables.pack_bits(z.reshape(-1)), plain_ring(y._tensor.share) - plain_ring(b.share)]
+        elif kind == "bit_square":
+            if c.get_world_size() != 2:
+                raise ValueError("merged bit products need exactly two computing parties")
+            if tuple(x.size()) != tuple(y.size()):
+                raise ValueError(f"bit_square needs a bit per value: {tuple(x.size())} vs {tuple(y.size())}")
+            r_bin, a, tail = _dealt(provider, "bit_square", _tfp_bit_square, x.size(), device=y.device)
+            dealt.append((a, tail))
+            z = plain_ring((x ^ r_bin).share) & 1
+            masked += [tables.pack_bits(z.reshape(-1)), plain_ring(y._tensor.share) - plain_ring(a.share)]
+        elif kind == "b2a":
+            if c.get_world_size() != 2:
+                raise ValueError("merged bit conversions need exactly two computing parties")
+            r_arith, r_bin = provider.B2A_rng(x.size(), device=y.device)
+            dealt.append(r_arith)
+            masked.append(tables.pack_bits((plain_ring((x ^ r_bin).share) & 1).reshape(-1)))
         else:
             raise ValueError(f"unknown merged request {kind!r}")
     flat = c.all_reduce(torch.cat([m.reshape(-1) for m in masked]))
@@ -386,6 +409,28 @@ def merged_round(requests):
             rv = plain_ring(cc.share) + plain_ring(r_arith.share) * dlt
             result = y.clone()
             result._tensor.share = _like(y._tensor.share, zbit * plain_ring(y._tensor.share) + (1 - 2 * zbit) * rv)
+            out.append(result)
+        elif kind == "bit_square":
+            zbit = tables.unpack_bits(masked[k] ^ (opened[k] - masked[k]), x.numel()).view(x.size())
+            d = opened[k + 1]
+            k += 2
+            a, tail = rnd  # tail: r, a^2, r a, r a^2 (arithmetic shares, stacked)
+            r, a2, ra, ra2 = plain_ring(tail).unbind(0)
+            square = a2 + 2 * d * plain_ring(a.share)
+            if first:
+                square = square + d * d
+            r_square = ra2 + 2 * d * ra + d * d * r
+            z = zbit * square + (1 - 2 * zbit) * r_square
+            out.append(finish_product(y, y._tensor.encoder, z))
+        elif kind == "b2a":
+            zbit = tables.unpack_bits(masked[k] ^ (opened[k] - masked[k]), x.numel()).view(x.size())
+            k += 1
+            z = (1 - 2 * zbit) * plain_ring(rnd.share)
+            if first:
+                z = z + zbit
+            result = y.clone()
+            result._tensor.share = _like(y._tensor.share, z)
+            result.encoder = FixedPointEncoder(precision_bits=0)
             out.append(result)
         elif y is x:  # x^2 = r^2 + 2 eps r + eps^2
             (r, r2), eps = rnd, opened[k]
@@ -437,6 +482,18 @@ def _tfp_bit_triple(size, device):
     return (BinarySharedTensor(r, src=0), *(ArithmeticSharedTensor(t, precision=0, src=0) for t in (r, b, c)))
 
 
+def _tfp_bit_square(size, device):
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
+
+    r = generate_kbit_random_tensor(size, bitlength=1, device=device)
+    a = generate_random_ring_element(size, device=device)
+    r, a = plain_ring(r), plain_ring(a)
+    tail = torch.stack([r, a * a, r * a, r * a * a])
+    return (BinarySharedTensor(r, src=0), ArithmeticSharedTensor(a, precision=0, src=0),
+            plain_ring(ArithmeticSharedTensor(tail, precision=0, src=0).share))
+
+
 def finish_product(x, y_encoder, z):
     """The MPCTensor of a product of ``x`` and a secret with encoder ``y_encoder`` whose ring shares
     are ``z``: truncated once when both are fixed point, as CrypTen's ``mul`` / ``matmul`` do."""
@@ -453,10 +510,10 @@ def finish_product(x, y_encoder, z):
     return product
 
 
-def lockstep(*protocols):
-    """Run generator protocols side by side: each yields a list of :func:`merged_round` requests and
-    receives their results; every round, the requests of all protocols still running are opened
-    together. Returns each protocol's return value. Rounds: the longest protocol's."""
+def together(*protocols):
+    """Protocols side by side as ONE protocol (for ``yield from`` inside another): each round, the
+    requests of all protocols still running travel together. Returns each protocol's return value.
+    Rounds: the longest protocol's."""
     results = [None] * len(protocols)
     pending = {}
     for i, gen in enumerate(protocols):
@@ -466,7 +523,7 @@ def lockstep(*protocols):
             results[i] = done.value
     while pending:
         order = list(pending)
-        answers = merged_round([req for i in order for req in pending[i]])
+        answers = yield [req for i in order for req in pending[i]]
         for i in order:
             mine, answers = answers[: len(pending[i])], answers[len(pending[i]) :]
             try:
@@ -475,6 +532,19 @@ def lockstep(*protocols):
                 results[i] = done.value
                 del pending[i]
     return results
+
+
+def lockstep(*protocols):
+    """Run generator protocols side by side: each yields a list of :func:`merged_round` requests and
+    receives their results; every round, the requests of all protocols still running are opened
+    together. Returns each protocol's return value. Rounds: the longest protocol's."""
+    gen = together(*protocols)
+    try:
+        requests = next(gen)
+        while True:
+            requests = gen.send(merged_round(requests))
+    except StopIteration as done:
+        return done.value
 
 
 def mul_batch(pairs):
@@ -656,6 +726,69 @@ def exp_nonpositive(x, iterations: int):
     return result
 
 
+#: :func:`exp_clipped`: e^x = p(x / 2^EXP_SQUARINGS)^(2^EXP_SQUARINGS) for x >= -EXP_CLIP and 0 below, p
+#: Taylor's degree-4 polynomial of e^y. Its comparisons read CLIP_LANES: 12-bit lanes from bit 13 of the
+#: shares (units of 1/8, |x| < 256), two one-word table chunks (the opening + one AND round).
+EXP_CLIP, EXP_SQUARINGS = 12.0, 3
+CLIP_LANES = (12, 13)
+
+
+def clipped_exp_available() -> bool:
+    """Whether :func:`exp_clipped` runs here: ``tables`` comparisons, two parties, and a provider that
+    deals tables and bit-square tuples (the planned dealer; TFP in development)."""
+    if COMPARISON["method"] != "tables" or crypten.communicator.get().get_world_size() != 2:
+        return False
+    from crypten.mpc.provider.tfp_provider import TrustedFirstParty
+
+    provider = crypten.mpc.get_default_provider()
+    return hasattr(provider, "bit_square") or isinstance(provider, TrustedFirstParty)
+
+
+def _exp_taylor(y):
+    """Protocol: 1 + y + y^2 (1/2 + y/6 + y^2/24), Taylor's degree-4 polynomial of e^y, in 2 rounds."""
+    (y2,) = yield [("mul", y, y)]
+    (tail,) = yield [("mul", y2, y * (1 / 6) + y2 * (1 / 24) + 0.5)]
+    return y + tail + 1
+
+
+def _exp_clipped_protocol(x, keep):
+    from crypten.mpc.primitives import BinarySharedTensor
+
+    y = x * (1.0 / 2**EXP_SQUARINGS)
+    below, dropped, p = yield from together(
+        _ge_protocol(x, [-EXP_CLIP], lanes=CLIP_LANES),  # [x < -T]
+        _ge_protocol(keep, [0.5], lanes=CLIP_LANES),  # [keep < 1/2]
+        _exp_taylor(y))
+    n = x.numel()
+    inside = plain_ring((below ^ 1).share).reshape(-1)
+    kept = plain_ring((dropped ^ 1).share).reshape(keep.size()).expand(x.size()).reshape(-1)
+    left = BinarySharedTensor.from_shares(tables.pack_bits(inside))
+    right = BinarySharedTensor.from_shares(tables.pack_bits(kept))
+    both, p2 = yield [("and", left, right), ("mul", p, p)]
+    w = BinarySharedTensor.from_shares(tables.unpack_bits(plain_ring(both.share), n).view(x.size()))
+    for _ in range(EXP_SQUARINGS - 2):
+        (p2,) = yield [("mul", p2, p2)]
+    (e,) = yield [("bit_square", w, p2)]
+    return e
+
+
+def exp_clipped(x, keep):
+    """e^x * keep for softmax inputs x in (-256, 1.2] and a secret 0/1 ``keep`` broadcastable to x (same
+    number of dimensions), when :func:`clipped_exp_available`.
+
+    e^x = p(x/8)^8 with p Taylor's degree-4 polynomial of e^y, for x >= -12; 0 below (e^-12 = 6e-6).
+    In exact arithmetic the error is below 7.6e-5 on [-14, 1.2] (p(y)^8 >= e^(8y) - 7.6e-5, and p's
+    minimum 0.27 at y = -1.6 keeps p(y)^8 < 3e-5 out to x = -14), so the comparison's resolution
+    (x in [-12, -11.875) may read as below -12) costs nothing. The clip bit [x >= -12] and the mask's
+    bit [keep >= 1/2] are read from comparison tables (:data:`CLIP_LANES`) while the polynomial is
+    evaluated, ANDed while p is squared, and applied with the last squaring in one opening (the
+    ``bit_square`` of :func:`merged_round`): keep [x >= -12] (p^4)^2.
+    Rounds: 5 (opening + y^2; AND + y^2 L; AND + p^2; p^4; bit_square), against 8 squarings + 1
+    product for :func:`exp_nonpositive` times the mask.
+    """
+    return lockstep(_exp_clipped_protocol(x, keep))[0]
+
+
 def row_max(x, arity: int = 2, shift_only: bool = False):
     """Maximum over the last dimension by a comparison tournament.
 
@@ -769,21 +902,53 @@ def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int = 1, coa
     adjacent bucket, within a factor 2^(1/(2 steps)) (1 + 2^-6 / t) of the truth instead of
     2^(1/(2 steps)) (0.125 instead of 0.091 for 4 steps, t >= 1/2). Otherwise exact.
     """
-    ks = list(range(lo_exp * steps + 1, hi_exp * steps + 1))
+    thresholds, first, deltas = _buckets(x, lo_exp, hi_exp, power, steps)
     coarse = coarse and hi_exp <= COARSE_DROP - 1 and lo_exp >= -1
     # packed comparisons of x - t are exact while x < packed_limit() (2^15): thresholds up to half
     # of it leave inputs up to twice the top threshold exact (beyond that the top bucket's guess
     # is too far off for Newton anyway)
-    bits = ge_bits(x, [2.0 ** (k / steps) for k in ks], packed_ok=2.0**hi_exp <= packed_limit() / 2,
+    bits = ge_bits(x, thresholds, packed_ok=2.0**hi_exp <= packed_limit() / 2,
                    coarse=coarse, wide=True)  # one element per row, many thresholds: wide tables
-    values = [(2.0 ** ((k + 0.5) / steps)) ** power for k in [lo_exp * steps] + ks]
-    encoder = FixedPointEncoder()
     # sum_k bit_k * (value_k - value_{k-1}): exact integer products of the 0/1 shares, one op
-    deltas = torch.tensor([round((b - a) * encoder.scale) for a, b in zip(values, values[1:])],
-                          dtype=torch.long).view(-1, *([1] * x.dim()))
     guess = mul_public_int(bits, deltas).sum(0)
+    guess.encoder = FixedPointEncoder()
+    return guess + first
+
+
+def _buckets(x, lo_exp: int, hi_exp: int, power: float, steps: int):
+    """The bucket guess's thresholds, its lowest value, and the encoded steps between values (shaped
+    to multiply bits of shape (K, *x.shape))."""
+    ks = list(range(lo_exp * steps + 1, hi_exp * steps + 1))
+    values = [(2.0 ** ((k + 0.5) / steps)) ** power for k in [lo_exp * steps] + ks]
+    scale = FixedPointEncoder().scale
+    deltas = torch.tensor([round((b - a) * scale) for a, b in zip(values, values[1:])],
+                          dtype=torch.long).view(-1, *([1] * x.dim()))
+    return [2.0 ** (k / steps) for k in ks], values[0], deltas
+
+
+def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int):
+    """(y, x y) for the bucket guess y of x^power (:func:`_bucket_guess`, exact comparisons), the
+    bits' conversion and the product x y in ONE round: ``b2a`` of the bits beside ``bit_mul`` of the
+    bits with x (each bit's product with x, then sum_k delta_k (b_k x), truncated once). Under
+    ``tables`` with two parties; None otherwise (then the guess, and x y a round later).
+    Saves the round of the conversion: the first Newton product needs only x y."""
+    if COMPARISON["method"] != "tables" or crypten.communicator.get().get_world_size() != 2:
+        return None
+    thresholds, first, deltas = _buckets(x, lo_exp, hi_exp, power, steps)
+    exact = 2.0**hi_exp <= packed_limit() / 2
+    bits = ge_binary(x, thresholds, lanes=None if exact else (64, 0), wide=True)
+    if bits is None:
+        return None
+    stacked = x.unsqueeze(0).expand(len(thresholds), *x.size())
+    ints, times = merged_round([("b2a", bits, stacked), ("bit_mul", bits, stacked)])
+    encoder = FixedPointEncoder()
+    guess = mul_public_int(ints, deltas).sum(0)
     guess.encoder = encoder
-    return guess + values[0]
+    # x y = first x + sum_k delta_k (b_k x): scale^2, truncated once
+    xy = mul_public_int(times, deltas).sum(0) + mul_public_int(x, round(first * encoder.scale))
+    xy._tensor.encoder = x._tensor.encoder
+    xy._tensor.div_(encoder.scale)
+    return guess + first, xy
 
 
 def reciprocal(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1, coarse: bool = False):
@@ -794,6 +959,12 @@ def reciprocal(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1, coa
     e_{k+1} = e_k^2: 4 iterations (1 step) or 2 (4 steps) reach < 1e-4 before fixed point.
     Cost: one C + 2 rounds per iteration. ``coarse``: see :func:`_bucket_guess` (x <= 2^hi_exp).
     """
+    folded = _guess_and_product(x, lo_exp, hi_exp, -1.0, steps) if iterations and not coarse else None
+    if folded is not None:  # the guess's conversion and the first x y in one round
+        y, xy = folded
+        for i in range(iterations):
+            y = y * (2 - (x * y if i else xy))
+        return y
     y = _bucket_guess(x, lo_exp, hi_exp, -1.0, steps, coarse)
     for _ in range(iterations):
         y = y * (2 - x * y)
@@ -821,6 +992,14 @@ def scaled_inv_sqrt(x, a, lo_exp: int, hi_exp: int, iterations: int, steps: int 
 
     Cost: C + 3 iterations rounds (``a * inv_sqrt(x)``: C + 3 iterations + 1).
     """
+    folded = _guess_and_product(x, lo_exp, hi_exp, -0.5, steps) if iterations else None
+    if folded is not None:  # the guess's conversion and x y in one round (C + 3 iterations - 1)
+        y, xy = folded
+        for _ in range(iterations - 1):
+            y = y * (3 - xy * y) * 0.5
+            xy = x * y
+        xyy, ay = mul_batch([(xy, y), (a, y)])
+        return ay * (3 - xyy) * 0.5
     y = _bucket_guess(x, lo_exp, hi_exp, -0.5, steps)
     if iterations == 0:
         return a * y
@@ -838,6 +1017,14 @@ def inv_sqrt(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1):
     e_{k+1} ~ 1.5 e_k^2: 3 iterations (1 step) or 2 (4 steps) give ~3e-5.
     Cost: one C + 3 rounds per iteration.
     """
+    folded = _guess_and_product(x, lo_exp, hi_exp, -0.5, steps) if iterations else None
+    if folded is not None:  # the guess's conversion and the first x y in one round
+        y, xy = folded
+        for i in range(iterations):
+            if i:
+                xy = x * y
+            y = y * (3 - xy * y) * 0.5
+        return y
     y = _bucket_guess(x, lo_exp, hi_exp, -0.5, steps)
     for _ in range(iterations):
         # (x y) y rather than x (y^2): for large x, y^2 has too few fixed-point bits
@@ -852,7 +1039,7 @@ MASK_PENALTY = 64.0
 
 
 def masked_softmax(scores, key_mask, exp_iterations: int, reciprocal_iterations: int, steps: int = 1,
-                   max_arity: int = 2):
+                   max_arity: int = 2, exp: str = "clipped"):
     """Softmax over the last dim of ``scores``, ignoring keys where ``key_mask`` is 0.
 
     ``key_mask`` is a secret 0/1 tensor broadcastable to ``scores`` (padding is
@@ -862,12 +1049,20 @@ def masked_softmax(scores, key_mask, exp_iterations: int, reciprocal_iterations:
     i.e. score ranges below 2^n - 64 (192 for n = 8; measured BERT ranges < 140).
     The exponentials are then multiplied by the mask, so masked keys count
     exactly zero even if a masked score exceeded every real one.
-    Cost: row_max + exp (n rounds) + 1 + C + 2 x reciprocal_iterations (the last Newton step
-    folded into the normalisation, :func:`scaled_reciprocal`).
+    ``exp="clipped"`` (where :func:`clipped_exp_available`): :func:`exp_clipped`, the mask applied
+    inside it (5 rounds, masked keys exactly zero as well); otherwise, or with ``exp="limit"``,
+    :func:`exp_nonpositive` (n rounds) and the mask's product (1).
+    Cost: row_max + exp + C + 2 x reciprocal_iterations (the last Newton step folded into the
+    normalisation, :func:`scaled_reciprocal`).
     """
+    if exp not in ("clipped", "limit"):
+        raise ValueError(f"softmax exp must be 'clipped' or 'limit', not {exp!r}")
     shifted = scores + (key_mask - 1) * MASK_PENALTY
     shifted = shifted - row_max(shifted, max_arity, shift_only=True)
-    e = exp_nonpositive(shifted, exp_iterations) * key_mask
+    if exp == "clipped" and clipped_exp_available():
+        e = exp_clipped(shifted, key_mask)
+    else:
+        e = exp_nonpositive(shifted, exp_iterations) * key_mask
     total = e.sum(dim=-1, keepdim=True)
     # the max may be up to 1.0 below the true one under ``tables`` (MAX_LANES): terms up to e, sums up to T e
     hi_exp = max(1, math.ceil(math.log2(scores.size(-1))) + (2 if COMPARISON["method"] == "tables" else 1))

@@ -108,7 +108,12 @@ class Approximations(_Strict):
 
     precision_bits: int = Field(16, ge=8, le=24)
     gelu: Literal["poly", "erf", "sigmoid"] = "poly"
-    exp_iterations: int = Field(8, ge=4, le=12)
+    exp: Literal["clipped", "limit"] = Field(
+        "clipped", description="softmax exponential: clipped = (Taylor's degree-4 polynomial of e^(x/8))^8, zero "
+        "below x = -12, the clip and padding mask read from comparison tables and applied with the last squaring "
+        "(5 rounds; needs comparison: tables and 2 computing parties, else limit); limit = (1 + x/2^n)^(2^n) "
+        "with n = exp_iterations, then the mask's product (n + 1 rounds)")
+    exp_iterations: int = Field(8, ge=4, le=12, description="n of the limit exponential")
     reciprocal_iterations: int = Field(1, ge=1, le=20, description="Newton steps after the bucketed guess "
                                        "(1 with 16 guess steps per octave, or 2 with 4, reach the fixed-point "
                                        "floor, ~2e-3 relative at 1/128)")

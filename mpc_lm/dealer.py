@@ -28,7 +28,7 @@ from crypten.mpc.provider.ttp_provider import TTPServer  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-_FUNCTIONS = {"additive", "square", "binary", "wraps", "B2A", "weight_masks", "masked", "compare", "bit_triple", "products"}
+_FUNCTIONS = {"additive", "square", "binary", "wraps", "B2A", "weight_masks", "masked", "compare", "bit_triple", "bit_square", "products"}
 
 
 class Dealer(TTPServer):
@@ -68,6 +68,14 @@ class Dealer(TTPServer):
         b = plain_ring(self._get_additive_PRSS(torch.Size(size)))
         pair = torch.stack([r, r * b])
         return pair - plain_ring(self._get_additive_PRSS(pair.size(), remove_rank=True))
+
+    def bit_square(self, size):
+        """Party 0's shares of (r, a^2, r a, r a^2) for a random bit r and a random ring tensor a (both
+        drawn from every party's seed): a bit times a square (mpc_lm/approx.py, merged rounds)."""
+        r = plain_ring(self._get_binary_PRSS(torch.Size(size), bitlength=1))
+        a = plain_ring(self._get_additive_PRSS(torch.Size(size)))
+        tail = torch.stack([r, a * a, r * a, r * a * a])
+        return tail - plain_ring(self._get_additive_PRSS(tail.size(), remove_rank=True))
 
     def compare(self, n, lane_bits, wide=False):
         """Party 0's shares of the comparison tables of fresh masks r (mpc_lm/tables.py)."""

@@ -169,7 +169,7 @@ def attention_fwd(x, key_mask, p: dict, pre: str, heads: int, ap: Approximations
     q, k, v = (layers.split_heads(qkv[..., i * h : (i + 1) * h], heads) for i in range(3))
     scores = q.matmul(k.transpose(-1, -2))
     probs = approx.masked_softmax(scores, key_mask, ap.exp_iterations, ap.reciprocal_iterations,
-                                   ap.guess_steps_per_octave, ap.max_arity)
+                                   ap.guess_steps_per_octave, ap.max_arity, ap.exp)
     ctx = layers.merge_heads(probs.matmul(v))
     out = layers.linear(ctx, p[f"{pre}.out.weight"], p[f"{pre}.out.bias"])
     return out, dict(x=x, xa=xa, q=q, k=k, v=v, probs=probs, ctx=ctx)

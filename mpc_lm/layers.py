@@ -90,7 +90,7 @@ def self_attention(x, key_mask, p: dict, prefix: str, heads: int, ap: Approximat
         probs = (scores + (key_mask - 1) * STOCK_MASK_PENALTY).softmax(-1)
     else:
         probs = approx.masked_softmax(scores, key_mask, ap.exp_iterations, ap.reciprocal_iterations,
-                                       ap.guess_steps_per_octave, ap.max_arity)
+                                       ap.guess_steps_per_octave, ap.max_arity, ap.exp)
     context = merge_heads(probs.matmul(v))
     return linear(context, p[f"{prefix}.out.weight"], p[f"{prefix}.out.bias"])
 

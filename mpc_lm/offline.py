@@ -195,6 +195,16 @@ class PlannedDealer(TrustedThirdParty):
         return (BinarySharedTensor.from_shares(r_bin),
                 *(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (r_arith, b, c)))
 
+    def bit_square(self, size, device=None):
+        """(r_bin, a, tail): a random bit r as XOR shares, a random ring tensor a, and the arithmetic
+        shares of (r, a^2, r a, r a^2) stacked, for a bit times a square in one opening of the value
+        (approx.merged_round's ``bit_square``). Every party draws r_bin and a from its dealer seed;
+        the dealer deals party 0's shares of the tail."""
+        size = torch.Size(size)
+        r_bin, a, tail = self._shares("bit_square", device, [(size, _bit), (size, _ring)],
+                                      (torch.Size([4, *size]), _ring), (size,))
+        return BinarySharedTensor.from_shares(r_bin), ArithmeticSharedTensor.from_shares(a, precision=0), tail
+
     def B2A_rng(self, size, device=None):
         if self.mode == "pass":
             return super().B2A_rng(size, device)
@@ -344,6 +354,11 @@ def _fetch(requests: list[tuple], sizes: list[torch.Size], chunk_bytes: int) -> 
 
 def serve_plan(server, message: dict) -> int:
     """Dealer: answer one plan chunk with one flat tensor; returns the number of requests."""
+    from .dealer import _FUNCTIONS
+
+    for function, *_ in message["requests"]:  # the functions of a direct request, nothing else of the server
+        if function not in _FUNCTIONS:
+            raise RuntimeError(f"dealer received an unknown planned request {function!r}")
     c = comm.get()
     server.device = message["device"]
     parts = []

@@ -53,3 +53,13 @@ def test_planning_context_leaves_the_real_generators_alone():
 ])
 def test_internal_errors_are_not_reported_as_lost_contact(err, transport):
     assert _is_transport_error(err) is transport
+
+
+@pytest.mark.parametrize("function", ["_get_additive_PRSS", "_setup_generators", "masks", "plan"])
+def test_a_planned_chunk_may_name_only_the_dealer_functions(function):
+    """A plan chunk is answered function by function: a name outside the dealer's functions (its
+    seeded generators, its kept weight masks) is refused before anything is drawn or sent."""
+    message = {"function": "plan", "device": "cpu", "requests": [("square", "cpu", ((2,),), {}),
+                                                                  (function, "cpu", ((2,),), {})]}
+    with pytest.raises(RuntimeError, match="unknown planned request"):
+        offline.serve_plan(object(), message)

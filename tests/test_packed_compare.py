@@ -344,3 +344,64 @@ def test_functions_under_tables_match_lanes16_in_fewer_rounds():
         assert new["shift"][0] <= 2 * 2.0 ** (approx.MAX_DROP - 16) and new["shift"][1] < new["max"][1], out
         for name in old:
             assert new[name][1] < old[name][1] and new[name][2] < old[name][2], (name, out)
+
+
+@crypten.mpc.run_multiprocess(world_size=2)
+def _clipped_exp_world():
+    """The clipped exponential, the softmax on it, and the bucket guess whose conversion carries x y."""
+    crypten.cfg.communicator.verbose = True
+    approx.COMPARISON["method"] = "tables"
+    c = crypten.communicator.get()
+    g = torch.Generator().manual_seed(31)
+    x = torch.cat([torch.linspace(-250, 1.2, 20001), torch.tensor([-12.0, -11.875, -12.125, 0.0, 1.0])])
+    keep = (torch.rand(x.size(), generator=g) > 0.3).float()
+    ex, ek = crypten.cryptensor(x), crypten.cryptensor(keep)
+    c.reset_communication_stats()
+    got = approx.exp_clipped(ex, ek)
+    rounds = c.get_communication_stats()["rounds"]
+    got = got.get_plain_text()
+    out = {"exp": [float((got - x.exp() * keep).abs().max()), float(got[keep == 0].abs().max()), rounds]}
+    s = torch.randn(2, 4, 32, 32, generator=g) * 6
+    s[1, :, :, 20:] += 40.0  # padded keys scoring far above the real ones still count zero
+    m = torch.ones(2, 1, 1, 32)
+    m[1, ..., 20:] = 0
+    ref = torch.softmax(s + (m - 1) * 1e9, -1)
+    for mode in ("clipped", "limit"):
+        es, em = crypten.cryptensor(s), crypten.cryptensor(m)
+        c.reset_communication_stats()
+        p = approx.masked_softmax(es, em, 8, 1, 16, 4, mode)
+        rounds = c.get_communication_stats()["rounds"]
+        p = p.get_plain_text()
+        out[mode] = [float((p - ref).abs().max()), float(p[1, ..., 20:].abs().max()), rounds]
+    v = 2.0 ** (torch.rand(48, 1, generator=g) * 25 - 11.5)
+    a = torch.randn(48, 64, generator=g)
+    ev, ea = crypten.cryptensor(v), crypten.cryptensor(a)
+    for method in ("tables", "lanes16"):
+        approx.COMPARISON["method"] = method
+        for name, fn, ref, size in (("inv_sqrt", lambda: approx.inv_sqrt(ev, -12, 14, 1, 16), 1 / v.sqrt(), 1 / v.sqrt()),
+                                    ("scaled_inv_sqrt", lambda: approx.scaled_inv_sqrt(ev, ea, -12, 14, 1, 16),
+                                     a / v.sqrt(), a.abs().max() / v.sqrt()),
+                                    ("reciprocal", lambda: approx.reciprocal(ev, -12, 14, 2, 4), 1 / v, 1 / v)):
+            c.reset_communication_stats()
+            got = fn()
+            rounds = c.get_communication_stats()["rounds"]
+            got = got.get_plain_text()
+            # relative error where input and output have fixed-point bits to spare (>= 2^-6: 1,024 units)
+            rel = ((got - ref).abs() / size).masked_fill((v < 2**-6) | (size < 2**-6), 0)
+            out[f"{name}/{method}"] = [float(rel.max()), rounds]
+    return out
+
+
+def test_clipped_exp_softmax_and_folded_guess():
+    for out in _in_fresh_world("_clipped_exp_world"):
+        err, masked, rounds = out["exp"]
+        # (Taylor's degree-4 e^(x/8))^8 and the clip at -12: 7.6e-5 exactly, fixed point adds the rest
+        assert err < 1e-3 and masked <= 2**-15 and rounds == 5, out
+        clipped, limit = out["clipped"], out["limit"]
+        assert clipped[0] <= max(limit[0], 5e-3) and clipped[1] <= 2**-15, out
+        assert clipped[2] == limit[2] - 4, out  # 5 rounds for exp and mask instead of 8 + 1
+        # the guess's conversion carries the first x y: one round fewer than lanes16's C + B2A + Newton
+        assert out["inv_sqrt/tables"][1] == 2 + 3 and out["scaled_inv_sqrt/tables"][1] == 2 + 3, out
+        assert out["reciprocal/tables"][1] == 2 + 2 + 2, out
+        for name in ("inv_sqrt", "scaled_inv_sqrt", "reciprocal"):
+            assert out[f"{name}/tables"][0] < 2e-3 and out[f"{name}/lanes16"][0] < 2e-3, out

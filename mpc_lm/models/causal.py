@@ -193,7 +193,7 @@ def attention(x, p: dict, prefix: str, arch: CausalArch, ap: Approximations, key
     causal = (torch.arange(total)[None, :] <= torch.arange(start, start + t)[:, None]).long()
     mask = approx.mul_public_int(key_mask[:, :total].unsqueeze(1).unsqueeze(1), causal)
     probs = approx.masked_softmax(scores, mask, ap.exp_iterations, ap.reciprocal_iterations,
-                                   ap.guess_steps_per_octave, ap.max_arity)
+                                   ap.guess_steps_per_octave, ap.max_arity, ap.exp)
     context = layers.merge_heads(probs.matmul(v))
     return layers.linear(context, p[f"{prefix}.out.weight"], p.get(f"{prefix}.out.bias"))
 
