@@ -207,7 +207,7 @@ def ge0(x, coarse: bool = False):
     return x.ge(0)
 
 
-def ge_bits(x, thresholds, packed_ok: bool = True, coarse: bool = False, wide: bool = False):
+def ge_bits(x, thresholds, packed_ok: bool = True, coarse: bool = False, form: str = "narrow"):
     """[x >= t] for each public t as 0/1 shares of scale 1, shape (K, *x.shape), in ONE comparison call.
 
     ``packed_ok=False`` marks inputs that may exceed packed_limit(): CrypTen's 64-bit circuit, or
@@ -215,7 +215,7 @@ def ge_bits(x, thresholds, packed_ok: bool = True, coarse: bool = False, wide: b
     Under ``tables``, one opening for all thresholds (:func:`_ge_protocol`).
     """
     if COMPARISON["method"] == "tables":
-        bits = ge_binary(x, thresholds, coarse and packed_ok, lanes=None if packed_ok else (64, 0), wide=wide)
+        bits = ge_binary(x, thresholds, coarse and packed_ok, lanes=None if packed_ok else (64, 0), form=form)
         if bits is not None:
             return _converted(bits, x.unsqueeze(0).expand(len(thresholds), *x.size()))
     t = torch.tensor([float(v) for v in thresholds], device=x.device).view(-1, *([1] * x.dim()))
@@ -231,7 +231,7 @@ def ge_many(x, thresholds, packed_ok: bool = True, coarse: bool = False):
     return as_fixed(ge_bits(x, thresholds, packed_ok, coarse))
 
 
-def _ge_protocol(x, thresholds, coarse: bool = False, lanes=None, wide: bool = False):
+def _ge_protocol(x, thresholds, coarse: bool = False, lanes=None, form: str = "narrow"):
     """A :func:`lockstep` protocol for [x < t] for each public t as single-bit XOR shares (shape
     (K, *x.shape); flip with ``^ 1`` for [x >= t]), or None when :data:`COMPARISON` has no packed
     circuit here (CrypTen's circuit or more than two parties).
@@ -247,23 +247,24 @@ def _ge_protocol(x, thresholds, coarse: bool = False, lanes=None, wide: bool = F
     if method == "tables" and lanes is not None:
         lane_bits, drop = lanes
     if method == "tables":
-        dealt = tables.key(x.numel(), lane_bits, x.device, wide)
+        dealt = tables.key(x.numel(), lane_bits, x.device, form)
         if dealt is not None:
             encoded = (torch.tensor([float(v) for v in thresholds]) * x.encoder.scale).long()  # as CrypTen encodes t
             offsets = [-((-int(t)) >> drop) for t in encoded]  # ceil(t / 2^drop)
-            return tables.sign_protocol(_lane_values(x, lane_bits, drop), lane_bits, dealt, offsets, wide)
+            return tables.sign_protocol(_lane_values(x, lane_bits, drop), lane_bits, dealt, offsets, form)
     t = torch.tensor([float(v) for v in thresholds], device=x.device).view(-1, *([1] * x.dim()))
     stacked = x.unsqueeze(0).expand(len(thresholds), *x.size()) - t
     return _sign(_lane_values(stacked, lane_bits, drop), lane_bits)
 
 
-def ge_binary(x, thresholds, coarse: bool = False, lanes=None, wide: bool = False):
+def ge_binary(x, thresholds, coarse: bool = False, lanes=None, form: str = "narrow"):
     """[x >= t] for each public t as single-bit XOR shares (BinarySharedTensor, shape (K, *x.shape)),
     before any conversion, for :func:`bits_times`; None when :data:`COMPARISON` has no packed
     circuit here (CrypTen's circuit or more than two parties): then use :func:`ge_many`.
     ``lanes`` (lane bits, dropped bits): other truncated lanes under ``tables`` (the row max's);
-    ``wide``: wide tables for few elements with many thresholds (:data:`mpc_lm.tables.WIDE_CHUNKS`)."""
-    protocol = _ge_protocol(x, thresholds, coarse, lanes, wide)
+    ``form``: the tables' chunks (:func:`mpc_lm.tables.widths`): "wide" for few elements with many
+    thresholds, "deep" for comparisons beside a longer protocol."""
+    protocol = _ge_protocol(x, thresholds, coarse, lanes, form)
     return None if protocol is None else lockstep(protocol)[0] ^ 1
 
 
@@ -666,7 +667,8 @@ def gelu(x):
     converts the bits (:func:`bits_times`): 6 rounds. Otherwise C + 5.
     Max error 1.7e-4 + fixed point (and a flip just above -4 or 4 with truncated lanes).
     """
-    protocol = _ge_protocol(x, [-GELU_BOUND, GELU_BOUND], coarse=True)  # [x < -4], [x < 4]
+    # [x < -4], [x < 4]; deep tables: 3 rounds, still inside the polynomial's 4
+    protocol = _ge_protocol(x, [-GELU_BOUND, GELU_BOUND], coarse=True, form="deep")
     if protocol is not None:  # lo inside + hi (x - inside)
         below, inside = lockstep(protocol, _gelu_inside(x))
         bits = below ^ 1
@@ -685,7 +687,7 @@ def tanh(x):
     Fit error 4.3e-4; tail error 2.5e-4. Cost: with packed comparisons, adder and polynomial
     side by side (6 rounds) + 1 selecting round: 7. Otherwise C + 6.
     """
-    protocol = _ge_protocol(x, [-TANH_BOUND, TANH_BOUND], coarse=True)
+    protocol = _ge_protocol(x, [-TANH_BOUND, TANH_BOUND], coarse=True, form="deep")  # 3 rounds beside 6
     if protocol is not None:  # lo (inside + 1) + hi (1 - inside) - 1
         below, inside = lockstep(protocol, _tanh_inside(x))
         bits = below ^ 1
@@ -908,7 +910,7 @@ def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int = 1, coa
     # of it leave inputs up to twice the top threshold exact (beyond that the top bucket's guess
     # is too far off for Newton anyway)
     bits = ge_bits(x, thresholds, packed_ok=2.0**hi_exp <= packed_limit() / 2,
-                   coarse=coarse, wide=True)  # one element per row, many thresholds: wide tables
+                   coarse=coarse, form="wide")  # one element per row, many thresholds: wide tables
     # sum_k bit_k * (value_k - value_{k-1}): exact integer products of the 0/1 shares, one op
     guess = mul_public_int(bits, deltas).sum(0)
     guess.encoder = FixedPointEncoder()
@@ -936,7 +938,7 @@ def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int):
         return None
     thresholds, first, deltas = _buckets(x, lo_exp, hi_exp, power, steps)
     exact = 2.0**hi_exp <= packed_limit() / 2
-    bits = ge_binary(x, thresholds, lanes=None if exact else (64, 0), wide=True)
+    bits = ge_binary(x, thresholds, lanes=None if exact else (64, 0), form="wide")
     if bits is None:
         return None
     stacked = x.unsqueeze(0).expand(len(thresholds), *x.size())

@@ -77,12 +77,12 @@ class Dealer(TTPServer):
         tail = torch.stack([r, a * a, r * a, r * a * a])
         return tail - plain_ring(self._get_additive_PRSS(tail.size(), remove_rank=True))
 
-    def compare(self, n, lane_bits, wide=False):
+    def compare(self, n, lane_bits, form="narrow"):
         """Party 0's shares of the comparison tables of fresh masks r (mpc_lm/tables.py)."""
         from . import tables
 
         r = self._get_additive_PRSS(torch.Size([n]))
-        table = tables.build(plain_ring(r), lane_bits, wide)
+        table = tables.build(plain_ring(r), lane_bits, form)
         return table ^ plain_ring(self._get_binary_PRSS(table.size(), remove_rank=True))
 
 

@@ -163,14 +163,14 @@ class PlannedDealer(TrustedThirdParty):
         shares = self._shares("masked", device, [(size_x, _ring)], (c_size, _ring), args)
         return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in shares)
 
-    def comparison_key(self, n: int, lane_bits: int, device=None, wide: bool = False):
+    def comparison_key(self, n: int, lane_bits: int, device=None, form: str = "narrow"):
         """This party's shares of the masks r and of their comparison tables (mpc_lm/tables.py):
         every party draws its share of r, party 1 its table shares, from its dealer seed; the
         dealer deals party 0's table shares."""
         from . import tables
 
-        words = tables.words_per_element(lane_bits, n, wide)
-        shares = self._shares("compare", device, [((n,), _ring)], ((n, words), _bits), (n, lane_bits, wide))
+        words = tables.words_per_element(lane_bits, n, form)
+        shares = self._shares("compare", device, [((n,), _ring)], ((n, words), _bits), (n, lane_bits, form))
         return tuple(plain_ring(t) for t in shares)
 
     def product_triples(self, size, m: int, pairs, device=None):

@@ -48,70 +48,101 @@ CHUNKS = {10: (9,), 12: (5, 6), 16: (7, 8), 32: (7, 8, 8, 8), 64: (7, 8, 8, 8, 8
 WIDE_CHUNKS = {16: (15,), 32: (15, 16), 64: (15, 16, 16, 16)}
 WIDE_BYTES = 32 * 2**20
 
+#: Deep chunks, asked for by callers whose comparison runs beside a longer protocol (GELU's and tanh's
+#: pieces beside their polynomials): one AND round more (16-bit: 3 rounds), 24 bytes of tables per
+#: element instead of 64 (five 32-entry tables packed two per word).
+DEEP_CHUNKS = {16: (5, 5, 5)}
+
+#: The chunk forms a caller may ask for (public: shapes and the call site decide, so plan and dealer agree).
+FORMS = ("narrow", "wide", "deep")
+
 
 def _mask(lane_bits: int) -> int:
     """The lane's bits as an int64 mask (all ones for the whole 64-bit ring element)."""
     return -1 if lane_bits == 64 else (1 << lane_bits) - 1
 
 
-def _table_words(bits: int) -> int:
-    return max(1, (1 << bits) // 64)
-
-
-def widths(lane_bits: int, n: int, wide: bool = False) -> tuple[int, ...]:
+def widths(lane_bits: int, n: int, form: str = "narrow") -> tuple[int, ...]:
     """The chunk widths for ``n`` elements of ``lane_bits``-bit lanes (public: shapes and the caller's
-    ``wide``)."""
+    ``form``: "narrow" (:data:`CHUNKS`), "wide" (:data:`WIDE_CHUNKS` while within :data:`WIDE_BYTES`)
+    or "deep" (:data:`DEEP_CHUNKS`); either falls back to narrow where it has no entry)."""
     if lane_bits not in CHUNKS:
         raise ValueError(f"comparison tables exist for {sorted(CHUNKS)}-bit lanes, not {lane_bits}")
-    chunks = WIDE_CHUNKS.get(lane_bits)
-    if wide and chunks is not None and n * _words(chunks) * 8 <= WIDE_BYTES:
-        return chunks
+    if form not in FORMS:
+        raise ValueError(f"table form must be one of {FORMS}, not {form!r}")
+    if form == "wide" and lane_bits in WIDE_CHUNKS:
+        chunks = WIDE_CHUNKS[lane_bits]
+        if n * _place(chunks)[1] * 8 <= WIDE_BYTES:
+            return chunks
+    if form == "deep" and lane_bits in DEEP_CHUNKS:
+        return DEEP_CHUNKS[lane_bits]
     return CHUNKS[lane_bits]
 
 
-def _words(chunk_widths) -> int:
-    return sum(_table_words(b) * (1 if k == len(chunk_widths) - 1 else 2) for k, b in enumerate(chunk_widths))
+def _place(chunk_widths) -> tuple[list[tuple[int, int | None]], int]:
+    """Bit offsets of each chunk's less-than and equality tables, and the words per element: a table of
+    2^b entries takes 2^b bits; tables of 64 entries or more start on a word, smaller ones share words."""
+    offsets, bit = [], 0
 
+    def place(size: int) -> int:
+        nonlocal bit
+        if size >= 64 or bit % 64 + size > 64:
+            bit = -(-bit // 64) * 64
+        at, bit = bit, bit + size
+        return at
 
-def layout(lane_bits: int, n: int, wide: bool = False) -> tuple[list[tuple[int, int, int, int | None]], int]:
-    """Per chunk (shift, bits, word offset of its less-than table, of its equality table or None);
-    and the words per element, for ``n`` elements."""
-    chunks, offset, shift = [], 0, lane_bits - 1
-    chunk_widths = widths(lane_bits, n, wide)
     for k, bits in enumerate(chunk_widths):
+        lt = place(1 << bits)
+        eq = place(1 << bits) if k < len(chunk_widths) - 1 else None
+        offsets.append((lt, eq))
+    return offsets, -(-bit // 64)
+
+
+def layout(lane_bits: int, n: int, form: str = "narrow") -> tuple[list[tuple[int, int, int, int | None]], int]:
+    """Per chunk (shift, bits, bit offset of its less-than table, of its equality table or None); and the
+    words per element, for ``n`` elements."""
+    chunk_widths = widths(lane_bits, n, form)
+    offsets, words = _place(chunk_widths)
+    chunks, shift = [], lane_bits - 1
+    for bits, (lt, eq) in zip(chunk_widths, offsets):
         shift -= bits
-        lt = offset
-        offset += _table_words(bits)
-        eq = None
-        if k < len(chunk_widths) - 1:
-            eq = offset
-            offset += _table_words(bits)
         chunks.append((shift, bits, lt, eq))
-    return chunks, offset
+    return chunks, words
 
 
-def words_per_element(lane_bits: int, n: int, wide: bool = False) -> int:
-    return layout(lane_bits, n, wide)[1]
+def words_per_element(lane_bits: int, n: int, form: str = "narrow") -> int:
+    return layout(lane_bits, n, form)[1]
 
 
-def build(r: torch.Tensor, lane_bits: int, wide: bool = False) -> torch.Tensor:
+def build(r: torch.Tensor, lane_bits: int, form: str = "narrow") -> torch.Tensor:
     """The tables of the plain masks ``r`` (int64, shape (n,)), as (n, words) packed bit words (dealer)."""
     r = r.reshape(-1) & _mask(lane_bits)
     top = (r >> (lane_bits - 1)) & 1
-    chunks, _ = layout(lane_bits, r.numel(), wide)
-    columns = []
-    for k, (shift, bits, _, eq) in enumerate(chunks):
+    chunks, words = layout(lane_bits, r.numel(), form)
+    out = torch.zeros(r.numel(), words, dtype=torch.long, device=r.device)
+    for k, (shift, bits, lt, eq) in enumerate(chunks):
         value = (r >> shift) & ((1 << bits) - 1)
-        starts = torch.arange(_table_words(bits), device=r.device, dtype=torch.long) * 64
-        d = value.unsqueeze(1) - starts.unsqueeze(0)  # how many of the word's 64 entries are below r_k
-        one = torch.ones_like(d)
-        below = torch.where(d >= 64, -one, torch.where(d <= 0, 0 * one, (one << d.clamp(0, 63)) - 1))
-        if k == 0:
-            below = below ^ (-top).unsqueeze(1)  # fold r's top bit into the top chunk's table
-        columns.append(below)
-        if eq is not None:
-            columns.append(torch.where((d >= 0) & (d < 64), one << d.clamp(0, 63), 0 * one))
-    return torch.cat(columns, 1)
+        flip = top if k == 0 else None  # r's top bit folded into the top chunk's less-than table
+        for offset, below in ((lt, True), (eq, False)):
+            if offset is None:
+                continue
+            if bits >= 6:  # whole words: how many of each word's 64 entries are below (at) r_k
+                starts = torch.arange((1 << bits) // 64, device=r.device, dtype=torch.long) * 64
+                d = value.unsqueeze(1) - starts.unsqueeze(0)
+                one = torch.ones_like(d)
+                if below:
+                    table = torch.where(d >= 64, -one, torch.where(d <= 0, 0 * one, (one << d.clamp(0, 63)) - 1))
+                    if flip is not None:
+                        table = table ^ (-flip).unsqueeze(1)
+                else:
+                    table = torch.where((d >= 0) & (d < 64), one << d.clamp(0, 63), 0 * one)
+                out[:, offset // 64 : offset // 64 + table.size(1)] = table
+            else:  # a field of 2^bits entries inside a word
+                field = ((1 << value) - 1) if below else (1 << value)
+                if below and flip is not None:
+                    field = field ^ (flip * ((1 << (1 << bits)) - 1))
+                out[:, offset // 64] |= field << (offset % 64)
+    return out
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -147,32 +178,32 @@ def unpack_lanes(words: torch.Tensor, lane_bits: int, n: int) -> torch.Tensor:
     return torch.stack(parts, 1).reshape(-1)[:n]
 
 
-def key(n: int, lane_bits: int, device, wide: bool = False):
+def key(n: int, lane_bits: int, device, form: str = "narrow"):
     """This party's (shares of r mod 2^L as int64 (n,), table shares (n, words)) from the current
     provider, or None when it deals no tables (then the caller uses the adder)."""
     provider = crypten.mpc.get_default_provider()
     if hasattr(provider, "comparison_key"):
-        return provider.comparison_key(n, lane_bits, device=device, wide=wide)
+        return provider.comparison_key(n, lane_bits, device=device, form=form)
     from crypten.mpc.provider.tfp_provider import TrustedFirstParty
 
     if isinstance(provider, TrustedFirstParty):  # insecure development mode: party 0 makes the tables
-        return tfp_key(n, lane_bits, device, wide)
+        return tfp_key(n, lane_bits, device, form)
     return None
 
 
-def tfp_key(n: int, lane_bits: int, device, wide: bool = False):
+def tfp_key(n: int, lane_bits: int, device, form: str = "narrow"):
     """The key made by party 0 and secret-shared from it (CrypTen's TFP convention)."""
     from crypten.common.rng import generate_random_ring_element
     from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
 
     r = generate_random_ring_element((n,), device=device)
-    tables = build(plain_ring(r), lane_bits, wide)
+    tables = build(plain_ring(r), lane_bits, form)
     r_share = ArithmeticSharedTensor(r, precision=0, src=0).share
     t_share = BinarySharedTensor(tables, src=0).share
     return plain_ring(r_share), plain_ring(t_share)
 
 
-def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None, wide: bool = False):
+def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None, form: str = "narrow"):
     """Protocol (for :func:`mpc_lm.approx.lockstep`), same contract as the adder: the top bit of
     ``values`` (this party's) plus the other party's, mod 2^L, as single-bit XOR shares (a
     BinarySharedTensor of ``values``' shape). ``dealt``: this party's :func:`key`.
@@ -180,7 +211,7 @@ def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None, wid
     ``offsets`` (public integers T_1..T_K): instead, the top bits of y - T_k for every k, shape
     (K, *values' shape), from the SAME opening and tables: c - T_k is public, so each threshold
     is one more look-up and one more lane in the AND rounds, not another key or opening.
-    ``wide``: as the key was asked for (:func:`widths`)."""
+    ``form``: as the key was asked for (:func:`widths`)."""
     from crypten.mpc.primitives import BinarySharedTensor
 
     rank = crypten.communicator.get().get_rank()
@@ -199,9 +230,10 @@ def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None, wid
     rows = torch.arange(n, device=c.device).unsqueeze(0).expand_as(c)
 
     def look(offset, index):
-        return (tables[rows, offset + (index >> 6)] >> (index & 63)) & 1
+        at = offset + index  # the table's bit offset + the entry
+        return (tables[rows, at >> 6] >> (at & 63)) & 1
 
-    chunks, _ = layout(lane_bits, n, wide)
+    chunks, _ = layout(lane_bits, n, form)
     nodes = []
     for shift, bits, lt, eq in chunks:
         index = (c >> shift) & ((1 << bits) - 1)

@@ -59,6 +59,7 @@ def test_sequence_classification_matches_plaintext(default_run, family):
         "online_rounds": cost["rounds"],
         "online_bytes_sent": max(p["online_bytes_sent"] for p in cost["per_party"].values()),
         "dealer_rounds": max(p["dealer_rounds"] for p in cost["per_party"].values()),
+        "dealer_bytes_received": max(p["dealer_bytes_received"] for p in cost["per_party"].values()),
     }
     # Communication is deterministic (public shapes, fixed op sequence): hold it to the
     # recorded budget so a regression fails the build. Lower figures: update budgets.json.

@@ -214,35 +214,41 @@ def test_tables_hold_less_than_and_equal_bits_of_every_chunk():
     from mpc_lm import tables
 
     g = torch.Generator().manual_seed(3)
-    # wide chunks where asked for, while a call's tables stay within tables.WIDE_BYTES (8,192 16-bit / 2,048 32-bit elements)
-    for lane_bits, n, wide, narrow in ((10, 200, True, True), (16, 50, True, False), (32, 50, True, False),
-                                       (16, 50, False, True), (16, 8300, True, True), (32, 2100, True, True),
-                                       (64, 50, False, True), (64, 20, True, False)):
+    # wide chunks where asked for, while a call's tables stay within tables.WIDE_BYTES (8,192 16-bit / 2,048 32-bit
+    # elements); deep ones where asked for (16-bit lanes: five 32-entry tables, two per word)
+    for lane_bits, n, form, words in ((10, 200, "wide", 8), (12, 200, "narrow", 2), (16, 50, "wide", 512),
+                                      (32, 50, "wide", 2048), (16, 50, "narrow", 8), (16, 8300, "wide", 8),
+                                      (32, 2100, "wide", 24), (64, 50, "narrow", 56), (64, 20, "wide", 6144),
+                                      (16, 50, "deep", 3), (32, 50, "deep", 24)):
         if lane_bits == 64:  # the whole ring element, as int64
             r = torch.cat([torch.randint(-(2**63), 2**63 - 1, (n,), generator=g),
                            torch.tensor([0, 1, 63, 64, 255, 256, 2**63 - 1, -(2**63), -1])])
         else:
             r = torch.cat([torch.randint(0, 2**lane_bits, (n,), generator=g),
-                           torch.tensor([0, 1, 63, 64, 127, 128, 255, 256, 2 ** (lane_bits - 1) - 1,
-                                         2 ** (lane_bits - 1), 2**lane_bits - 1])])
-        words = tables.build(r, lane_bits, wide)
-        chunks, total = tables.layout(lane_bits, r.numel(), wide)
-        assert words.shape == (r.numel(), total)
-        assert total == {10: 8, 16: 8 if narrow else 512, 32: 24 if narrow else 2048,
-                         64: 56 if narrow else 6144}[lane_bits]
-        bits = ((words.unsqueeze(-1) >> torch.arange(64)) & 1).reshape(r.numel(), -1)
+                           torch.tensor([0, 1, 31, 32, 63, 64, 127, 128, 255, 256, 2 ** (lane_bits - 1) - 1,
+                                         2 ** (lane_bits - 1), 2**lane_bits - 1]) % 2**lane_bits])
+        table = tables.build(r, lane_bits, form)
+        chunks, total = tables.layout(lane_bits, r.numel(), form)
+        assert table.shape == (r.numel(), total) and total == words, (lane_bits, n, form, total)
+        bits = ((table.unsqueeze(-1) >> torch.arange(64)) & 1).reshape(r.numel(), -1)
         top = (r >> (lane_bits - 1)) & 1
         if lane_bits == 64:
             r = r & -1
+        used = torch.zeros(bits.size(1), dtype=torch.bool)
         for k, (shift, width, lt, eq) in enumerate(chunks):
             value = (r >> shift) & ((1 << width) - 1)
             t = torch.arange(1 << width)
             want_lt = (t.unsqueeze(0) < value.unsqueeze(1)).long()
             if k == 0:
                 want_lt = want_lt ^ top.unsqueeze(1)
-            assert torch.equal(bits[:, lt * 64 : lt * 64 + (1 << width)], want_lt)
+            assert torch.equal(bits[:, lt : lt + (1 << width)], want_lt)
+            assert not used[lt : lt + (1 << width)].any()  # tables never overlap
+            used[lt : lt + (1 << width)] = True
             if eq is not None:
-                assert torch.equal(bits[:, eq * 64 : eq * 64 + (1 << width)], (t.unsqueeze(0) == value.unsqueeze(1)).long())
+                assert torch.equal(bits[:, eq : eq + (1 << width)], (t.unsqueeze(0) == value.unsqueeze(1)).long())
+                assert not used[eq : eq + (1 << width)].any()
+                used[eq : eq + (1 << width)] = True
+        assert not bits[:, ~used].any()  # and the bits between them are zero
 
 
 @crypten.mpc.run_multiprocess(world_size=2)
@@ -257,7 +263,7 @@ def _tables_world():
     rank = c.get_rank()
     g = torch.Generator().manual_seed(17)  # the same in both processes: each takes its own half
     out = {}
-    for lane_bits in (16, 32):
+    for lane_bits, form in ((16, "narrow"), (32, "narrow"), (16, "deep"), (12, "narrow")):
         full = 2**lane_bits
         edges = torch.tensor([0, 1, 127, 128, 255, 256, 257, full // 2 - 1, full // 2, full // 2 + 1, full - 1,
                               full - 256, full - 255, full // 2 - 256, full // 2 + 256])
@@ -266,7 +272,8 @@ def _tables_world():
         v = (y - u) % full
         mine = u if rank == 0 else v
         c.reset_communication_stats()
-        (bits,) = approx.lockstep(tables.sign_protocol(mine, lane_bits, tables.key(y.numel(), lane_bits, None)))
+        (bits,) = approx.lockstep(tables.sign_protocol(mine, lane_bits, tables.key(y.numel(), lane_bits, None, form),
+                                                       form=form))
         stats = c.get_communication_stats()
         got = bits.reveal()  # the XOR of both parties' bits
         want = (y >> (lane_bits - 1)) & 1
@@ -276,7 +283,7 @@ def _tables_world():
         request = next(protocol)
         (total,) = approx.merged_round(request)
         theirs = tables.unpack_lanes(total - request[0][1], lane_bits, 4096).double() / full
-        out[str(lane_bits)] = [int((got != want).sum()), stats["rounds"], stats["bytes"] / y.numel(),
+        out[f"{lane_bits}{form}"] = [int((got != want).sum()), stats["rounds"], stats["bytes"] / y.numel(),
                                float(theirs.mean()), float((theirs < 0.5).double().mean())]
     # the whole 64-bit ring element (inputs beyond the 32-bit lanes' range), several thresholds at once
     y = torch.cat([torch.randint(-(2**62), 2**62, (5000,), generator=g), torch.tensor([0, -1, 1, 2**62, -(2**62)])])
@@ -292,9 +299,11 @@ def _tables_world():
 
 
 def test_comparison_tables_are_exact_in_two_or_three_rounds():
+    """Narrow 16- and 12-bit tables (two chunks): 2 rounds; 32-bit and deep 16-bit: 3 rounds."""
     for out in _in_fresh_world("_tables_world"):
         assert out["64"] == [0, 4], out  # 8 chunks: the opening and 3 AND levels
-        for lane_bits, rounds, max_bytes in (("16", 2, 4.6), ("32", 3, 10.1)):
+        for lane_bits, rounds, max_bytes in (("16narrow", 2, 4.6), ("32narrow", 3, 10.1), ("16deep", 3, 5.6),
+                                             ("12narrow", 2, 4.2)):
             bad, got_rounds, nbytes, mean, below_half = out[lane_bits]
             assert bad == 0, out
             # one opening of the masked lanes, then one AND level per pairwise merge of the chunks
