@@ -311,6 +311,12 @@ def merged_round(requests):
       a of u, a^2, r a, r a^2), z = b xor r (packed bits) and d = u - a are opened together;
       u^2 = d^2 + 2 d a + a^2, r u^2 = r d^2 + 2 d (r a) + r a^2, and b u^2 = z u^2 + (1 - 2 z) r u^2,
       truncated once like a square;
+    * ``("select4", bits, cols)``: the winner of each group of four, sum_i W_i x_i, from the six pairwise
+      bits [x_i >= x_j] (i < j, in :data:`GROUP_PAIRS` order; single-bit XOR shares, shape (6, *g)) and the
+      values ``cols`` (an MPCTensor (4, *g)), W_i the AND of x_i's three wins (two parties): the six
+      z_p = b_p xor r_p (packed bits) and the four d_i = x_i - a_i are opened together; each W_i is a
+      polynomial in its three r_p with public coefficients, so W_i x_i = sum_S coef_S (d_i r_S + r_S a_i)
+      with the products r_S and r_S a_i dealt (:func:`select4_correlations`). No truncation;
     * ``("b2a", b, like)``: single-bit XOR shares b as 0/1 arithmetic shares of scale 1 (CrypTen's
       B2A: z = b xor r opened, here as packed bits, and b = z + (1 - 2 z) r), in an MPCTensor
       cloned from ``like`` (b's shape).
@@ -359,6 +365,15 @@ def merged_round(requests):
             if tuple(x.size()) != tuple(y.size()):
                 raise ValueError(f"bit_square needs a bit per value: {tuple(x.size())} vs {tuple(y.size())}")
             r_bin, a, tail = _dealt(provider, "bit_square", _tfp_bit_square, x.size(), device=y.device)
+            dealt.append((a, tail))
+            z = plain_ring((x ^ r_bin).share) & 1
+            masked += [tables.pack_bits(z.reshape(-1)), plain_ring(y._tensor.share) - plain_ring(a.share)]
+        elif kind == "select4":
+            if c.get_world_size() != 2:
+                raise ValueError("merged selections need exactly two computing parties")
+            if tuple(x.size()) != (6, *y.size()[1:]) or y.size(0) != 4:
+                raise ValueError(f"select4 needs bits (6, *g) and values (4, *g): {tuple(x.size())}, {tuple(y.size())}")
+            r_bin, a, tail = _dealt(provider, "select4", _tfp_select4, y.size()[1:], device=y.device)
             dealt.append((a, tail))
             z = plain_ring((x ^ r_bin).share) & 1
             masked += [tables.pack_bits(z.reshape(-1)), plain_ring(y._tensor.share) - plain_ring(a.share)]
@@ -423,6 +438,15 @@ def merged_round(requests):
             r_square = ra2 + 2 * d * ra + d * d * r
             z = zbit * square + (1 - 2 * zbit) * r_square
             out.append(finish_product(y, y._tensor.encoder, z))
+        elif kind == "select4":
+            zbits = tables.unpack_bits(masked[k] ^ (opened[k] - masked[k]), x.numel()).view(x.size())
+            d = opened[k + 1]
+            k += 2
+            a, tail = rnd
+            z = _select4_combine(zbits, d, plain_ring(a.share), plain_ring(tail), first)
+            result = y[0].clone()
+            result._tensor.share = _like(y._tensor.share, z)
+            out.append(result)
         elif kind == "b2a":
             zbit = tables.unpack_bits(masked[k] ^ (opened[k] - masked[k]), x.numel()).view(x.size())
             k += 1
@@ -491,6 +515,65 @@ def _tfp_bit_square(size, device):
     a = generate_random_ring_element(size, device=device)
     r, a = plain_ring(r), plain_ring(a)
     tail = torch.stack([r, a * a, r * a, r * a * a])
+    return (BinarySharedTensor(r, src=0), ArithmeticSharedTensor(a, precision=0, src=0),
+            plain_ring(ArithmeticSharedTensor(tail, precision=0, src=0).share))
+
+
+#: The pairs (i, j), i < j, of a group of four whose bits [x_i >= x_j] ``select4`` takes, in order.
+GROUP_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
+
+
+def _group_literals():
+    """Per element i of a group of four: its three pairs (indices into GROUP_PAIRS) and whether i wins
+    pair p when the bit is 0 (i is the second element: [x_j > x_i] = [x_i' >= x_j'] xor 1)."""
+    out = []
+    for i in range(4):
+        pairs = [(n, int(pi != i)) for n, (pi, pj) in enumerate(GROUP_PAIRS) if i in (pi, pj)]
+        out.append(pairs)
+    return out
+
+
+def select4_correlations(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The dealer's plain values for ``select4``: r (6, *g) random bits of the pairs, a (4, *g) the values'
+    masks; returns (50, *g): the six r_p, then per element i the products of its pairs' r over the
+    subsets of two and three (4 each), then per element the seven r_S a_i (S non-empty, by bitmask)."""
+    lits = _group_literals()
+    singles = [r[p] for p in range(6)]
+    products, times = [], []
+    for i in range(4):
+        mine = [r[p] for p, _ in lits[i]]
+        subset = {m: math.prod(mine[b] for b in range(3) if m >> b & 1) for m in range(1, 8)}
+        products += [subset[m] for m in (3, 5, 6, 7)]
+        times += [subset[m] * a[i] for m in range(1, 8)]
+    return torch.stack(singles + products + times)
+
+
+def _select4_combine(z: torch.Tensor, d: torch.Tensor, a: torch.Tensor, tail: torch.Tensor, first: bool):
+    """This party's share of sum_i W_i x_i (``select4``) from the opened z (6, *g) and d (4, *g), its
+    shares of the masks a (4, *g) and of :func:`select4_correlations`' values ``tail`` (50, *g)."""
+    lits = _group_literals()
+    total = torch.zeros_like(d[0])
+    for i in range(4):
+        zs = [z[p] ^ flip for p, flip in lits[i]]  # the literal's opened value z' = b' xor r
+        r_share = {1 << b: tail[p] for b, (p, _) in enumerate(lits[i])}
+        for n, m in enumerate((3, 5, 6, 7)):
+            r_share[m] = tail[6 + 4 * i + n]
+        x_share = a[i] + d[i] if first else a[i]
+        coef0 = zs[0] * zs[1] * zs[2]  # every literal from its opened value
+        total = total + coef0 * x_share
+        for m in range(1, 8):  # literal = z' + (1 - 2 z') r: r's part for the positions in m
+            coef = math.prod((1 - 2 * zs[b]) if m >> b & 1 else zs[b] for b in range(3))
+            total = total + coef * (d[i] * r_share[m] + tail[22 + 7 * i + m - 1])
+    return total
+
+
+def _tfp_select4(size, device):
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
+
+    r = plain_ring(generate_kbit_random_tensor((6, *size), bitlength=1, device=device))
+    a = plain_ring(generate_random_ring_element((4, *size), device=device))
+    tail = select4_correlations(r, a)
     return (BinarySharedTensor(r, src=0), ArithmeticSharedTensor(a, precision=0, src=0),
             plain_ring(ArithmeticSharedTensor(tail, precision=0, src=0).share))
 
@@ -735,15 +818,21 @@ EXP_CLIP, EXP_SQUARINGS = 12.0, 3
 CLIP_LANES = (12, 13)
 
 
-def clipped_exp_available() -> bool:
-    """Whether :func:`exp_clipped` runs here: ``tables`` comparisons, two parties, and a provider that
-    deals tables and bit-square tuples (the planned dealer; TFP in development)."""
+def _dealt_available(name: str) -> bool:
+    """Whether ``tables`` comparisons run here with two parties and a provider that deals ``name``
+    (mpc_lm/offline.py's planned dealer; party 0 under TFP in development)."""
     if COMPARISON["method"] != "tables" or crypten.communicator.get().get_world_size() != 2:
         return False
     from crypten.mpc.provider.tfp_provider import TrustedFirstParty
 
     provider = crypten.mpc.get_default_provider()
-    return hasattr(provider, "bit_square") or isinstance(provider, TrustedFirstParty)
+    return hasattr(provider, name) or isinstance(provider, TrustedFirstParty)
+
+
+def clipped_exp_available() -> bool:
+    """Whether :func:`exp_clipped` runs here: ``tables`` comparisons, two parties, and a provider that
+    deals tables and bit-square tuples (the planned dealer; TFP in development)."""
+    return _dealt_available("bit_square")
 
 
 def _exp_taylor(y):
@@ -810,9 +899,14 @@ def row_max(x, arity: int = 2, shift_only: bool = False):
     lanes = (MAX_LANES, MAX_DROP) if shift_only and COMPARISON["method"] == "tables" else None
     if arity not in (2, 4):
         raise ValueError(f"row_max arity must be 2 or 4, not {arity}")
+    one_round = arity == 4 and _dealt_available("select4")  # a group's winner in one opening
+    n = x.size(-1)
+    # both steps take C + 1 rounds then: a pair step first where it adds no level (128 = 2 x 4^3)
+    pair_first = one_round and n >= 4 and 1 + _levels4((n + 1) // 2) <= _levels4(n)
     while x.size(-1) > 1:
         n = x.size(-1)
-        if arity == 2 or n < 4:
+        if arity == 2 or n < 4 or pair_first:
+            pair_first = False
             half = n // 2
             a, b = x[..., :half], x[..., half : 2 * half]
             diff = a - b
@@ -826,6 +920,10 @@ def row_max(x, arity: int = 2, shift_only: bool = False):
         cols = [g[..., i] for i in range(4)]
         pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
         bits = _group_ge_binary(cols, pairs, lanes)
+        if bits is not None and one_round:
+            (m,) = merged_round([("select4", bits, crypten.stack(cols))])
+            x = crypten.cat([m, rest], dim=-1) if rest.size(-1) else m
+            continue
         if bits is not None:
             # [x_j > x_i] = [x_i >= x_j] xor 1; round 1: f1 & f2 (binary) and f3 x_i (the bit
             # converted inside the product); round 2: (f1 f2) (f3 x_i), the bit converted again
@@ -855,6 +953,15 @@ def row_max(x, arity: int = 2, shift_only: bool = False):
         m = products[0] + products[1] + products[2] + products[3]
         x = crypten.cat([m, rest], dim=-1) if rest.size(-1) else m
     return x
+
+
+def _levels4(n: int) -> int:
+    """Levels of :func:`row_max`'s groups of four for n elements (leftovers carried; pairs below four)."""
+    levels = 0
+    while n > 1:
+        n = n // 4 + n % 4 if n >= 4 else n // 2 + n % 2
+        levels += 1
+    return levels
 
 
 def _group_ge_binary(cols, pairs, lanes=None):

@@ -28,7 +28,7 @@ from crypten.mpc.provider.ttp_provider import TTPServer  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-_FUNCTIONS = {"additive", "square", "binary", "wraps", "B2A", "weight_masks", "masked", "compare", "bit_triple", "bit_square", "products"}
+_FUNCTIONS = {"additive", "square", "binary", "wraps", "B2A", "weight_masks", "masked", "compare", "bit_triple", "bit_square", "select4", "products"}
 
 
 class Dealer(TTPServer):
@@ -75,6 +75,16 @@ class Dealer(TTPServer):
         r = plain_ring(self._get_binary_PRSS(torch.Size(size), bitlength=1))
         a = plain_ring(self._get_additive_PRSS(torch.Size(size)))
         tail = torch.stack([r, a * a, r * a, r * a * a])
+        return tail - plain_ring(self._get_additive_PRSS(tail.size(), remove_rank=True))
+
+    def select4(self, size):
+        """Party 0's shares of approx.select4_correlations(r, a) for random pair bits r (6, *size) and masks
+        a (4, *size) (both drawn from every party's seed): a group of four's winner in one opening."""
+        from .approx import select4_correlations
+
+        r = plain_ring(self._get_binary_PRSS(torch.Size([6, *size]), bitlength=1))
+        a = plain_ring(self._get_additive_PRSS(torch.Size([4, *size])))
+        tail = select4_correlations(r, a)
         return tail - plain_ring(self._get_additive_PRSS(tail.size(), remove_rank=True))
 
     def compare(self, n, lane_bits, form="narrow"):

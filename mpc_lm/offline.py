@@ -205,6 +205,16 @@ class PlannedDealer(TrustedThirdParty):
                                       (torch.Size([4, *size]), _ring), (size,))
         return BinarySharedTensor.from_shares(r_bin), ArithmeticSharedTensor.from_shares(a, precision=0), tail
 
+    def select4(self, size, device=None):
+        """(r_bin, a, tail): random bits r (6, *size) for a group of four's pairwise bits, masks a (4, *size)
+        of its values, and the arithmetic shares of approx.select4_correlations(r, a) (50, *size), for the
+        winner's value in one opening (approx.merged_round's ``select4``). Every party draws r_bin and a
+        from its dealer seed; the dealer deals party 0's shares of the tail."""
+        size = torch.Size(size)
+        r_bin, a, tail = self._shares("select4", device, [(torch.Size([6, *size]), _bit), (torch.Size([4, *size]), _ring)],
+                                      (torch.Size([50, *size]), _ring), (size,))
+        return BinarySharedTensor.from_shares(r_bin), ArithmeticSharedTensor.from_shares(a, precision=0), tail
+
     def B2A_rng(self, size, device=None):
         if self.mode == "pass":
             return super().B2A_rng(size, device)

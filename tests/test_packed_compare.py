@@ -414,3 +414,37 @@ def test_clipped_exp_softmax_and_folded_guess():
         assert out["reciprocal/tables"][1] == 2 + 2 + 2, out
         for name in ("inv_sqrt", "scaled_inv_sqrt", "reciprocal"):
             assert out[f"{name}/tables"][0] < 2e-3 and out[f"{name}/lanes16"][0] < 2e-3, out
+
+
+@crypten.mpc.run_multiprocess(world_size=2)
+def _one_round_max_world():
+    """The row max with each group's winner selected in one opening (``select4``), ties included."""
+    crypten.cfg.communicator.verbose = True
+    approx.COMPARISON["method"] = "tables"
+    c = crypten.communicator.get()
+    g = torch.Generator().manual_seed(41)
+    out = {}
+    for n in (128, 100, 16, 7, 3, 2):
+        rows = torch.randn(16, n, generator=g) * 20
+        rows[0] = 3.0  # all tied
+        rows[1, : (n + 1) // 2] = 5.0  # tied maxima
+        rows[2] = torch.arange(n, dtype=torch.float) * -1.5  # the first is the maximum
+        enc = crypten.cryptensor(rows)
+        for shift in (True, False):
+            c.reset_communication_stats()
+            m = approx.row_max(enc, 4, shift_only=shift)
+            rounds = c.get_communication_stats()["rounds"]
+            err = m.get_plain_text() - rows.max(-1, keepdim=True).values
+            out[f"{n}/{shift}"] = [float(err.min()), float(err.max()), rounds, approx._levels4(n)]
+    return out
+
+
+def test_row_max_selects_each_groups_winner_in_one_opening():
+    for out in _in_fresh_world("_one_round_max_world"):
+        for key, (low, high, rounds, levels) in out.items():
+            n, shift = key.split("/")
+            # within two steps of the shift's coarse lanes below the maximum (1.0), or exact
+            assert high < 1e-3 and low > (-2 * 2.0 ** (approx.MAX_DROP - 16) if shift == "True" else -1e-3), out
+            # C + 1 per level: the comparison's opening (one-chunk tables) or opening + AND, then the selection
+            assert rounds == (2 if shift == "True" else 3) * levels, (key, out)
+        assert out["128/True"][2] == 8, out  # a pair step, then three groups of four: 64, 16, 4, 1
