@@ -13,6 +13,12 @@ converter afterwards fails loudly instead of silently doing the wrong thing.
 
 CrypTen also defines ``__torch_function__`` as a plain method, which torch
 reports with a ``DeprecationWarning`` on every process; it is filtered here.
+
+CrypTen's ``FixedPointEncoder.decode`` divides negative values by ``scale - 1``
+(floor) and adds the remainder modulo ``scale``: a revealed value within
+k * 2^-16 above a negative integer -k (e.g. -3.99997) decodes 1.0 too low.
+:func:`_exact_decode` replaces it (floor division by the scale, then the
+non-negative remainder), so every revealed output is the exact ring value.
 """
 
 from __future__ import annotations
@@ -64,7 +70,20 @@ def import_crypten():
             "run 'bash install.sh' (it runs pip install --no-deps crypten==0.4.1)."
         ) from None
 
+    crypten.encoder.FixedPointEncoder.decode = _exact_decode
     return crypten
+
+
+def _exact_decode(self, tensor):
+    """The fixed-point value of a ring tensor: floor(t / scale) + (t mod scale) / scale, exact for
+    every sign (CrypTen 0.4.1's decode is off by -1.0 just above negative integers)."""
+    if tensor is None:
+        return None
+    if self._scale == 1:
+        return tensor.data
+    whole = tensor.div(self._scale, rounding_mode="floor")
+    fraction = tensor - whole * self._scale  # in [0, scale)
+    return (whole.float() + fraction.float() / self._scale).data
 
 
 def plain_ring(t):

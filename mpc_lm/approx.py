@@ -299,6 +299,7 @@ def merged_round(requests):
     * ``("products", values, pairs)``: values[i] * values[j] for each (i, j) in ``pairs``, the
       values (MPCTensors of one shape) each opened ONCE however many products use them (a dealer
       mask per value and c = a_i a_j per pair); returns the list of products, truncated like ``mul``;
+    * ``("matmul", x, y)``: x @ y of two MPCTensors (a Beaver matmul triple), truncated like ``mul``;
     * ``("sum", t, None)``: the sum over the parties of a plain int64 tensor ``t`` (an opening of
       values this party already masked, e.g. :func:`mpc_lm.tables.sign_protocol`'s c);
     * ``("bit_mul", b, v)``: b * v for single-bit XOR shares b and an MPCTensor v of the same
@@ -336,6 +337,10 @@ def merged_round(requests):
                            device=x[0].device)
             dealt.append((a, cc))
             masked.append(torch.stack([plain_ring(v._tensor.share) for v in x]) - a)
+        elif kind == "matmul":
+            a, b, cc = provider.generate_additive_triple(x.size(), y.size(), "matmul", device=x.device)
+            dealt.append((a, b, cc))
+            masked += [plain_ring(x._tensor.share) - plain_ring(a.share), plain_ring(y._tensor.share) - plain_ring(b.share)]
         elif kind == "mul" and y is x:
             r, r2 = provider.square(x.size(), device=x.device)
             dealt.append((r, r2))
@@ -438,6 +443,15 @@ def merged_round(requests):
             r_square = ra2 + 2 * d * ra + d * d * r
             z = zbit * square + (1 - 2 * zbit) * r_square
             out.append(finish_product(y, y._tensor.encoder, z))
+        elif kind == "matmul":  # x y = c + eps b + a dlt + eps dlt, as matrix products
+            (a, b, cc), eps, dlt = rnd, opened[k], opened[k + 1]
+            k += 2
+            share = x._tensor.share
+            z = (plain_ring(cc.share) + _ring_matmul(share, eps, plain_ring(b.share))
+                 + _ring_matmul(share, plain_ring(a.share), dlt))
+            if first:
+                z = z + _ring_matmul(share, eps, dlt)
+            out.append(finish_product(x, y._tensor.encoder, z))
         elif kind == "select4":
             zbits = tables.unpack_bits(masked[k] ^ (opened[k] - masked[k]), x.numel()).view(x.size())
             d = opened[k + 1]
@@ -472,6 +486,14 @@ def merged_round(requests):
                 z = z + eps * dlt
             out.append(finish_product(x, y._tensor.encoder, z))
     return out
+
+
+def _ring_matmul(template, a, b):
+    """a @ b of plain ring tensors, multiplied as CrypTen multiplies shares like ``template`` (on the GPU as
+    CUDALongTensor, whose products split the 64-bit entries into exact floating-point blocks)."""
+    if torch.is_tensor(template):
+        return torch.matmul(a, b)
+    return plain_ring(torch.matmul(_like(template, a), _like(template, b)))
 
 
 def _dealt(provider, name: str, tfp_draw, *args, device=None):
@@ -685,9 +707,34 @@ def chebyshev_series(T: dict, v, coeffs):
     return result
 
 
+def _chebyshev_value_protocol(v, coeffs):
+    """sum_k coeffs[k] T_k(v) as a :func:`lockstep` protocol, the top half in ONE product.
+
+    The basis is built up to h = ceil(d / 2); then T_{h+j} = 2 T_h T_j - T_{h-j} (j <= h) gives
+    sum_{j=1}^{d-h} c_{h+j} T_{h+j} = T_h (2 sum_j c_{h+j} T_j) - sum_j c_{h+j} T_{h-j}: one product of
+    T_h with a combination of known terms instead of d - h products. Rounds: ceil(log2 d), as the whole
+    basis; products: those of the basis to h, + 1 (degree 8: 4 instead of 7; 10: 5 instead of 9).
+    """
+    degree = len(coeffs) - 1
+    if degree <= 2:
+        T = yield from _chebyshev_protocol(v, degree)
+        return chebyshev_series(T, v, coeffs)
+    h = (degree + 1) // 2
+    T = yield from _chebyshev_protocol(v, h)
+    T[0] = v * 0 + 1.0
+    low = chebyshev_series(T, v, coeffs[: h + 1])
+    top = None
+    for j in range(1, degree - h + 1):
+        term = T[j] * float(2 * coeffs[h + j])
+        top = term if top is None else top + term
+        low = low - T[h - j] * float(coeffs[h + j])
+    (product,) = yield [("mul", T[h], top)]
+    return low + product
+
+
 def chebyshev(v, coeffs):
-    """sum_k coeffs[k] * T_k(v) for v in [-1, 1]; ceil(log2 degree) rounds."""
-    return chebyshev_series(chebyshev_basis(v, len(coeffs) - 1), v, coeffs)
+    """sum_k coeffs[k] * T_k(v) for v in [-1, 1]; ceil(log2 degree) rounds (:func:`_chebyshev_value_protocol`)."""
+    return lockstep(_chebyshev_value_protocol(v, coeffs))[0]
 
 
 def _gelu_exact(x: np.ndarray) -> np.ndarray:
@@ -726,16 +773,15 @@ def _gelu_inside(x):
     """x/2 + P(2 (x/4)^2 - 1), GELU's middle piece, as a :func:`lockstep` protocol (4 rounds)."""
     (square,) = yield [("mul", x, x)]
     v = square * (2 / GELU_BOUND**2) - 1
-    T = yield from _chebyshev_protocol(v, GELU_DEGREE)
-    return x * 0.5 + chebyshev_series(T, v, fit_even_odd("gelu", GELU_BOUND, GELU_DEGREE))
+    inside = yield from _chebyshev_value_protocol(v, fit_even_odd("gelu", GELU_BOUND, GELU_DEGREE))
+    return x * 0.5 + inside
 
 
 def _tanh_inside(x):
     """tanh's odd polynomial on [-4.5, 4.5] as a :func:`lockstep` protocol (6 rounds)."""
     (square,) = yield [("mul", x, x)]
     v = square * (2 / TANH_BOUND**2) - 1
-    T = yield from _chebyshev_protocol(v, TANH_DEGREE)
-    inside = chebyshev_series(T, v, fit_even_odd("tanh", TANH_BOUND, TANH_DEGREE))
+    inside = yield from _chebyshev_value_protocol(v, fit_even_odd("tanh", TANH_BOUND, TANH_DEGREE))
     (scaled,) = yield [("mul", inside, x * (1 / TANH_BOUND))]
     return scaled
 
@@ -1035,21 +1081,24 @@ def _buckets(x, lo_exp: int, hi_exp: int, power: float, steps: int):
     return [2.0 ** (k / steps) for k in ks], values[0], deltas
 
 
-def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int):
+def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse: bool = False, extra=()):
     """(y, x y) for the bucket guess y of x^power (:func:`_bucket_guess`, exact comparisons), the
     bits' conversion and the product x y in ONE round: ``b2a`` of the bits beside ``bit_mul`` of the
     bits with x (each bit's product with x, then sum_k delta_k (b_k x), truncated once). Under
     ``tables`` with two parties; None otherwise (then the guess, and x y a round later).
-    Saves the round of the conversion: the first Newton product needs only x y."""
+    Saves the round of the conversion: the first Newton product needs only x y. ``coarse`` as in
+    :func:`_bucket_guess`; ``extra``: more :func:`merged_round` requests for the same round, whose
+    results follow (y, x y)."""
     if COMPARISON["method"] != "tables" or crypten.communicator.get().get_world_size() != 2:
         return None
     thresholds, first, deltas = _buckets(x, lo_exp, hi_exp, power, steps)
+    coarse = coarse and hi_exp <= COARSE_DROP - 1 and lo_exp >= -1  # as _bucket_guess decides
     exact = 2.0**hi_exp <= packed_limit() / 2
-    bits = ge_binary(x, thresholds, lanes=None if exact else (64, 0), form="wide")
+    bits = ge_binary(x, thresholds, coarse and exact, lanes=None if exact else (64, 0), form="wide")
     if bits is None:
         return None
     stacked = x.unsqueeze(0).expand(len(thresholds), *x.size())
-    ints, times = merged_round([("b2a", bits, stacked), ("bit_mul", bits, stacked)])
+    ints, times, *more = merged_round([("b2a", bits, stacked), ("bit_mul", bits, stacked), *extra])
     encoder = FixedPointEncoder()
     guess = mul_public_int(ints, deltas).sum(0)
     guess.encoder = encoder
@@ -1057,7 +1106,7 @@ def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int):
     xy = mul_public_int(times, deltas).sum(0) + mul_public_int(x, round(first * encoder.scale))
     xy._tensor.encoder = x._tensor.encoder
     xy._tensor.div_(encoder.scale)
-    return guess + first, xy
+    return (guess + first, xy, *more)
 
 
 def reciprocal(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1, coarse: bool = False):
@@ -1070,7 +1119,7 @@ def reciprocal(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1, coa
     """
     folded = _guess_and_product(x, lo_exp, hi_exp, -1.0, steps) if iterations and not coarse else None
     if folded is not None:  # the guess's conversion and the first x y in one round
-        y, xy = folded
+        y, xy = folded[:2]
         for i in range(iterations):
             y = y * (2 - (x * y if i else xy))
         return y
@@ -1103,7 +1152,7 @@ def scaled_inv_sqrt(x, a, lo_exp: int, hi_exp: int, iterations: int, steps: int 
     """
     folded = _guess_and_product(x, lo_exp, hi_exp, -0.5, steps) if iterations else None
     if folded is not None:  # the guess's conversion and x y in one round (C + 3 iterations - 1)
-        y, xy = folded
+        y, xy = folded[:2]
         for _ in range(iterations - 1):
             y = y * (3 - xy * y) * 0.5
             xy = x * y
@@ -1128,7 +1177,7 @@ def inv_sqrt(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1):
     """
     folded = _guess_and_product(x, lo_exp, hi_exp, -0.5, steps) if iterations else None
     if folded is not None:  # the guess's conversion and the first x y in one round
-        y, xy = folded
+        y, xy = folded[:2]
         for i in range(iterations):
             if i:
                 xy = x * y
@@ -1147,23 +1196,9 @@ def inv_sqrt(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1):
 MASK_PENALTY = 64.0
 
 
-def masked_softmax(scores, key_mask, exp_iterations: int, reciprocal_iterations: int, steps: int = 1,
-                   max_arity: int = 2, exp: str = "clipped"):
-    """Softmax over the last dim of ``scores``, ignoring keys where ``key_mask`` is 0.
-
-    ``key_mask`` is a secret 0/1 tensor broadcastable to ``scores`` (padding is
-    private: only the bucket length is public). Masked keys get a penalty of
-    64 before the max, so e^(s - max) for them is below e^-64 (0 in 16-bit
-    fixed point) without an extra multiplication; this needs s - max > -2^n,
-    i.e. score ranges below 2^n - 64 (192 for n = 8; measured BERT ranges < 140).
-    The exponentials are then multiplied by the mask, so masked keys count
-    exactly zero even if a masked score exceeded every real one.
-    ``exp="clipped"`` (where :func:`clipped_exp_available`): :func:`exp_clipped`, the mask applied
-    inside it (5 rounds, masked keys exactly zero as well); otherwise, or with ``exp="limit"``,
-    :func:`exp_nonpositive` (n rounds) and the mask's product (1).
-    Cost: row_max + exp + C + 2 x reciprocal_iterations (the last Newton step folded into the
-    normalisation, :func:`scaled_reciprocal`).
-    """
+def _masked_exp(scores, key_mask, exp_iterations: int, max_arity: int, exp: str):
+    """The exponentials of :func:`masked_softmax` (masked keys zero), their row sums, and the
+    reciprocal's top octave."""
     if exp not in ("clipped", "limit"):
         raise ValueError(f"softmax exp must be 'clipped' or 'limit', not {exp!r}")
     shifted = scores + (key_mask - 1) * MASK_PENALTY
@@ -1172,8 +1207,50 @@ def masked_softmax(scores, key_mask, exp_iterations: int, reciprocal_iterations:
         e = exp_clipped(shifted, key_mask)
     else:
         e = exp_nonpositive(shifted, exp_iterations) * key_mask
-    total = e.sum(dim=-1, keepdim=True)
     # the max may be up to 1.0 below the true one under ``tables`` (MAX_LANES): terms up to e, sums up to T e
     hi_exp = max(1, math.ceil(math.log2(scores.size(-1))) + (2 if COMPARISON["method"] == "tables" else 1))
+    return e, e.sum(dim=-1, keepdim=True), hi_exp  # sums <= 2^hi_exp
+
+
+def masked_softmax(scores, key_mask, exp_iterations: int, reciprocal_iterations: int, steps: int = 1,
+                   max_arity: int = 2, exp: str = "clipped"):
+    """Softmax over the last dim of ``scores``, ignoring keys where ``key_mask`` is 0.
+
+    ``key_mask`` is a secret 0/1 tensor broadcastable to ``scores`` (padding is
+    private: only the bucket length is public). Masked keys get a penalty of
+    64 before the max, so that a padded key's score does not set the shift; this
+    needs score ranges below 256 - 64 (the max's lanes; measured BERT ranges < 140).
+    The exponentials are then multiplied by the mask, so masked keys count
+    exactly zero even if a masked score exceeded every real one.
+    ``exp="clipped"`` (where :func:`clipped_exp_available`): :func:`exp_clipped`, the mask applied
+    inside it (5 rounds); otherwise, or with ``exp="limit"``, :func:`exp_nonpositive` (n rounds,
+    valid for s - max > -2^n) and the mask's product (1).
+    Cost: row_max + exp + C + 2 x reciprocal_iterations (the last Newton step folded into the
+    normalisation, :func:`scaled_reciprocal`).
+    """
+    e, total, hi_exp = _masked_exp(scores, key_mask, exp_iterations, max_arity, exp)
     return scaled_reciprocal(total, e, -1, hi_exp, reciprocal_iterations, steps, coarse=True)  # total <= T
 
+
+def masked_softmax_matmul(scores, key_mask, values, exp_iterations: int, reciprocal_iterations: int, steps: int = 1,
+                          max_arity: int = 2, exp: str = "clipped"):
+    """``masked_softmax(scores, key_mask, ...) @ values`` with the normalisation after the product.
+
+    softmax(s) V = diag(1 / sum_j e_j) (e V): each row's reciprocal is a scalar, so it can scale the
+    product of the unnormalised exponentials with the values. Under ``tables`` (two parties) e V travels
+    in the round that converts the reciprocal's guess (:func:`_guess_and_product`), and the Newton step
+    y (2 - x y) is applied to e V's rows (head_dim wide, not keys wide): from the exponentials to the
+    context, C + 3 rounds instead of C + 3 + 1, and fewer bytes. Otherwise :func:`masked_softmax`, then
+    the product.
+    """
+    e, total, hi_exp = _masked_exp(scores, key_mask, exp_iterations, max_arity, exp)
+    folded = None
+    if reciprocal_iterations:
+        folded = _guess_and_product(total, -1, hi_exp, -1.0, steps, coarse=True, extra=[("matmul", e, values)])
+    if folded is None:
+        return scaled_reciprocal(total, e, -1, hi_exp, reciprocal_iterations, steps, coarse=True).matmul(values)
+    y, xy, ev = folded
+    for _ in range(reciprocal_iterations - 1):
+        y = y * (2 - xy)
+        xy = total * y
+    return (ev * y) * (2 - xy)

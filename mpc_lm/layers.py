@@ -80,18 +80,19 @@ def self_attention(x, key_mask, p: dict, prefix: str, heads: int, ap: Approximat
     """Multi-head self-attention with a secret padding mask.
 
     ``key_mask`` is (B, 1, 1, T), 1 for real tokens. Cost: 1 round (fused QKV)
-    + 1 (scores) + masked_softmax + 1 (context) + 1 (output projection).
+    + 1 (scores) + masked_softmax_matmul (the softmax and the context: masked_softmax's rounds
+    under ``tables``, + 1 otherwise) + 1 (output projection).
     """
     qkv = linear(x, p[f"{prefix}.qkv.weight"], p[f"{prefix}.qkv.bias"])
     hidden = x.size(-1)
     q, k, v = (split_heads(qkv[..., i * hidden : (i + 1) * hidden], heads) for i in range(3))
     scores = q.matmul(k.transpose(-1, -2))  # 1/sqrt(d) already folded into W_q
     if ap.mode == "crypten":  # stock softmax; padding masked additively (see STOCK_MASK_PENALTY)
-        probs = (scores + (key_mask - 1) * STOCK_MASK_PENALTY).softmax(-1)
-    else:
-        probs = approx.masked_softmax(scores, key_mask, ap.exp_iterations, ap.reciprocal_iterations,
-                                       ap.guess_steps_per_octave, ap.max_arity, ap.exp)
-    context = merge_heads(probs.matmul(v))
+        context = merge_heads((scores + (key_mask - 1) * STOCK_MASK_PENALTY).softmax(-1).matmul(v))
+    else:  # normalised after the product with V (approx.masked_softmax_matmul)
+        context = merge_heads(approx.masked_softmax_matmul(scores, key_mask, v, ap.exp_iterations,
+                                                           ap.reciprocal_iterations, ap.guess_steps_per_octave,
+                                                           ap.max_arity, ap.exp))
     return linear(context, p[f"{prefix}.out.weight"], p[f"{prefix}.out.bias"])
 
 

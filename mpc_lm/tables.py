@@ -49,9 +49,9 @@ WIDE_CHUNKS = {16: (15,), 32: (15, 16), 64: (15, 16, 16, 16)}
 WIDE_BYTES = 32 * 2**20
 
 #: Deep chunks, asked for by callers whose comparison runs beside a longer protocol (GELU's and tanh's
-#: pieces beside their polynomials): one AND round more (16-bit: 3 rounds), 24 bytes of tables per
-#: element instead of 64 (five 32-entry tables packed two per word).
-DEEP_CHUNKS = {16: (5, 5, 5)}
+#: pieces beside their polynomials): one AND round more (16-bit: 3 rounds), 16 bytes of tables per
+#: element instead of 64 (seven tables of 16 or 8 entries packed into two words).
+DEEP_CHUNKS = {16: (4, 4, 4, 3)}
 
 #: The chunk forms a caller may ask for (public: shapes and the call site decide, so plan and dealer agree).
 FORMS = ("narrow", "wide", "deep")

@@ -95,16 +95,22 @@ def test_chebyshev_matches_numpy():
 
 
 def test_open_to_decodes_negative_values_exactly():
-    """CrypTen 0.4.1's decoder is off by 1.0 for some negative values; mpc_lm.reveal is not."""
-    from crypten.encoder import FixedPointEncoder
+    """CrypTen 0.4.1's decoder is off by 1.0 just above negative integers (-262,142 = -3.99997 read as
+    -4.99997); mpc_lm.reveal is not, and neither is CrypTen's once mpc_lm._compat has replaced it, so
+    get_plain_text (tests, diagnostics) reads the ring value too."""
+    import crypten.encoder as encoder
 
+    from mpc_lm._compat import _exact_decode
     from mpc_lm.reveal import decode
 
     raw = torch.arange(-3 * 65536, 3 * 65536, dtype=torch.long)
     exact = raw.double() / 65536
     assert (decode(raw, 65536).double() - exact).abs().max().item() < 1e-6
-    stock = FixedPointEncoder(precision_bits=16).decode(raw).double()
-    assert (stock - exact).abs().max().item() > 0.5  # the bug this module works around
+    assert encoder.FixedPointEncoder.decode is _exact_decode
+    patched = encoder.FixedPointEncoder(precision_bits=16).decode(raw).double()
+    assert (patched - exact).abs().max().item() < 2**-20
+    x = torch.tensor([-3.99997, -1.99999, -4.549, 2.5, -0.00001, -127.99999])
+    assert (enc(x).get_plain_text() - x).abs().max() < 2**-15
 
 
 def test_row_max_groups_of_four_lengths_and_ties():
@@ -163,3 +169,4 @@ def test_scaled_newton_steps_match_the_product():
     t = torch.linspace(1, 128, 200).reshape(200, 1)
     got = approx.scaled_reciprocal(enc(t), enc(a), -1, 8, 2, steps=4).get_plain_text()
     assert (got - a / t).abs().max().item() < 2e-3
+

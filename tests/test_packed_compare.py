@@ -219,7 +219,7 @@ def test_tables_hold_less_than_and_equal_bits_of_every_chunk():
     for lane_bits, n, form, words in ((10, 200, "wide", 8), (12, 200, "narrow", 2), (16, 50, "wide", 512),
                                       (32, 50, "wide", 2048), (16, 50, "narrow", 8), (16, 8300, "wide", 8),
                                       (32, 2100, "wide", 24), (64, 50, "narrow", 56), (64, 20, "wide", 6144),
-                                      (16, 50, "deep", 3), (32, 50, "deep", 24)):
+                                      (16, 50, "deep", 2), (32, 50, "deep", 24)):
         if lane_bits == 64:  # the whole ring element, as int64
             r = torch.cat([torch.randint(-(2**63), 2**63 - 1, (n,), generator=g),
                            torch.tensor([0, 1, 63, 64, 255, 256, 2**63 - 1, -(2**63), -1])])
@@ -302,7 +302,7 @@ def test_comparison_tables_are_exact_in_two_or_three_rounds():
     """Narrow 16- and 12-bit tables (two chunks): 2 rounds; 32-bit and deep 16-bit: 3 rounds."""
     for out in _in_fresh_world("_tables_world"):
         assert out["64"] == [0, 4], out  # 8 chunks: the opening and 3 AND levels
-        for lane_bits, rounds, max_bytes in (("16narrow", 2, 4.6), ("32narrow", 3, 10.1), ("16deep", 3, 5.6),
+        for lane_bits, rounds, max_bytes in (("16narrow", 2, 4.6), ("32narrow", 3, 10.1), ("16deep", 3, 6.2),
                                              ("12narrow", 2, 4.2)):
             bad, got_rounds, nbytes, mean, below_half = out[lane_bits]
             assert bad == 0, out

@@ -172,7 +172,8 @@ def attention(x, p: dict, prefix: str, arch: CausalArch, ap: Approximations, key
               cache: KVCache | None, layer: int):
     """Causal (grouped-query) self-attention of slots start..start+t-1 over slots 0..start+t-1.
 
-    Cost: 1 round (fused QKV) + 1 (scores) + masked_softmax + 1 (context) + 1 (output).
+    Cost: 1 round (fused QKV) + 1 (scores) + masked_softmax_matmul (+ 1 for the context where the
+    normalisation cannot follow the product) + 1 (output).
     """
     h, kv, d = arch.heads, arch.kv_heads, arch.head_dim
     t = x.size(1)
@@ -192,9 +193,9 @@ def attention(x, p: dict, prefix: str, arch: CausalArch, ap: Approximations, key
     scores = q.matmul(k.transpose(-1, -2))  # (B, h, t, total); 1/sqrt(d) folded into W_q
     causal = (torch.arange(total)[None, :] <= torch.arange(start, start + t)[:, None]).long()
     mask = approx.mul_public_int(key_mask[:, :total].unsqueeze(1).unsqueeze(1), causal)
-    probs = approx.masked_softmax(scores, mask, ap.exp_iterations, ap.reciprocal_iterations,
-                                   ap.guess_steps_per_octave, ap.max_arity, ap.exp)
-    context = layers.merge_heads(probs.matmul(v))
+    context = layers.merge_heads(approx.masked_softmax_matmul(scores, mask, v, ap.exp_iterations,
+                                                              ap.reciprocal_iterations, ap.guess_steps_per_octave,
+                                                              ap.max_arity, ap.exp))
     return layers.linear(context, p[f"{prefix}.out.weight"], p.get(f"{prefix}.out.bias"))
 
 
