@@ -382,6 +382,12 @@ def _clipped_exp_world():
         rounds = c.get_communication_stats()["rounds"]
         p = p.get_plain_text()
         out[mode] = [float((p - ref).abs().max()), float(p[1, ..., 20:].abs().max()), rounds]
+    values = torch.randn(2, 4, 32, 16, generator=g) * 3
+    es, em, ev = crypten.cryptensor(s), crypten.cryptensor(m), crypten.cryptensor(values)
+    c.reset_communication_stats()
+    fused = approx.masked_softmax_matmul(es, em, ev, 8, 1, 16, 4)
+    rounds = c.get_communication_stats()["rounds"]
+    out["fused"] = [float((fused.get_plain_text() - ref @ values).abs().max()), rounds]
     v = 2.0 ** (torch.rand(48, 1, generator=g) * 25 - 11.5)
     a = torch.randn(48, 64, generator=g)
     ev, ea = crypten.cryptensor(v), crypten.cryptensor(a)
@@ -409,6 +415,8 @@ def test_clipped_exp_softmax_and_folded_guess():
         clipped, limit = out["clipped"], out["limit"]
         assert clipped[0] <= max(limit[0], 5e-3) and clipped[1] <= 2**-15, out
         assert clipped[2] == limit[2] - 4, out  # 5 rounds for exp and mask instead of 8 + 1
+        # softmax(s) V with the normalisation after the product: the context in the softmax's own rounds
+        assert out["fused"][1] == clipped[2] and out["fused"][0] < 0.05, out
         # the guess's conversion carries the first x y: one round fewer than lanes16's C + B2A + Newton
         assert out["inv_sqrt/tables"][1] == 2 + 3 and out["scaled_inv_sqrt/tables"][1] == 2 + 3, out
         assert out["reciprocal/tables"][1] == 2 + 2 + 2, out
