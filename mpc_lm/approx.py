@@ -791,9 +791,10 @@ def gelu(x):
 
     Inside: x/2 + P(v), P a degree-8 Chebyshev series in v = 2(x/4)^2 - 1
     (fit error 3.5e-5); outside, |GELU(x) - piece| <= 1.3e-4 (at |x| = 4).
-    Cost: with packed comparisons (two parties), the comparison's adder (5 rounds) and the
-    polynomial (4 rounds) run side by side (:func:`lockstep`), then one round selects and
-    converts the bits (:func:`bits_times`): 6 rounds. Otherwise C + 5.
+    Cost: with packed comparisons (two parties), the comparison (under ``tables`` 3 rounds on deep
+    tables; the lanes16 adder 5) and the polynomial (4 rounds) run side by side (:func:`lockstep`),
+    then one round selects and converts the bits (:func:`bits_times`): 5 rounds (6 with the adder).
+    Otherwise C + 5.
     Max error 1.7e-4 + fixed point (and a flip just above -4 or 4 with truncated lanes).
     """
     # [x < -4], [x < 4]; deep tables: 3 rounds, still inside the polynomial's 4
@@ -1082,7 +1083,7 @@ def _buckets(x, lo_exp: int, hi_exp: int, power: float, steps: int):
 
 
 def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse: bool = False, extra=()):
-    """(y, x y) for the bucket guess y of x^power (:func:`_bucket_guess`, exact comparisons), the
+    """(y, x y) for the bucket guess y of x^power (as :func:`_bucket_guess` makes it), the
     bits' conversion and the product x y in ONE round: ``b2a`` of the bits beside ``bit_mul`` of the
     bits with x (each bit's product with x, then sum_k delta_k (b_k x), truncated once). Under
     ``tables`` with two parties; None otherwise (then the guess, and x y a round later).

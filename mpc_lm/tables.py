@@ -39,7 +39,7 @@ crypten = import_crypten()
 
 #: Chunk widths of the low L - 1 bits, from the top, per lane width L (10: the row max's coarse
 #: lanes, one chunk, so its comparisons take the opening alone; 12: the softmax's clip and mask bits,
-#: two one-word chunks, 24 bytes of tables per element).
+#: two chunks whose three tables share two words, 16 bytes per element).
 CHUNKS = {10: (9,), 12: (5, 6), 16: (7, 8), 32: (7, 8, 8, 8), 64: (7, 8, 8, 8, 8, 8, 8, 8)}
 
 #: Wide chunks, asked for by callers with few elements and many thresholds (a LayerNorm's or a softmax
