@@ -113,11 +113,10 @@ def matmul(x, w: MaskedWeight):
     provider = offline.install()
     a, c = provider.masked_triple(tuple(x.size()), w, device=x.device)
     d = comm.get().all_reduce(x._tensor.share - a.share)  # x - a: the only opening
+    # x W = c + d B + a E (+ d E on party 0, which adds it to its d B: two products per party)
     z = c.share
-    z += torch.matmul(d, w.mask_share)
+    z += torch.matmul(d, w.mask_share + w.opened if comm.get().get_rank() == 0 else w.mask_share)
     z += torch.matmul(a.share, w.opened)
-    if comm.get().get_rank() == 0:
-        z += torch.matmul(d, w.opened)
     return finish_product(x, w.encoder, z)
 
 

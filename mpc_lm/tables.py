@@ -227,13 +227,14 @@ def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None, for
         c = c.unsqueeze(0)
     else:
         c = (c.unsqueeze(0) - torch.as_tensor(offsets, dtype=torch.long, device=c.device).view(-1, 1)) & full
-    rows = torch.arange(n, device=c.device).unsqueeze(0).expand_as(c)
+    chunks, words = layout(lane_bits, n, form)
+    tables = tables.contiguous()
+    row_start = torch.arange(n, device=c.device) * words  # each element's first word, flat
 
     def look(offset, index):
         at = offset + index  # the table's bit offset + the entry
-        return (tables[rows, at >> 6] >> (at & 63)) & 1
+        return (torch.take(tables, row_start + (at >> 6)) >> (at & 63)) & 1
 
-    chunks, _ = layout(lane_bits, n, form)
     nodes = []
     for shift, bits, lt, eq in chunks:
         index = (c >> shift) & ((1 << bits) - 1)
