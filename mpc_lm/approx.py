@@ -356,38 +356,27 @@ def merged_round(requests):
             dealt.append((a, b, cc))
             masked += [plain_ring((x ^ a).share), plain_ring((y ^ b).share)]
         elif kind == "bit_mul":
-            if c.get_world_size() != 2:
-                raise ValueError("merged bit products need exactly two computing parties")
-            if tuple(x.size()) != tuple(y.size()):
-                raise ValueError(f"bit_mul needs a bit per value: {tuple(x.size())} vs {tuple(y.size())}")
+            _bits_beside(kind, x, y, c)
             r_bin, r_arith, b, cc = _dealt(provider, "bit_triple", _tfp_bit_triple, x.size(), device=y.device)
             dealt.append((r_arith, cc))
-            z = plain_ring((x ^ r_bin).share) & 1
-            masked += [tables.pack_bits(z.reshape(-1)), plain_ring(y._tensor.share) - plain_ring(b.share)]
+            masked += [_masked_bits(x, r_bin), plain_ring(y._tensor.share) - plain_ring(b.share)]
         elif kind == "bit_square":
-            if c.get_world_size() != 2:
-                raise ValueError("merged bit products need exactly two computing parties")
-            if tuple(x.size()) != tuple(y.size()):
-                raise ValueError(f"bit_square needs a bit per value: {tuple(x.size())} vs {tuple(y.size())}")
+            _bits_beside(kind, x, y, c)
             r_bin, a, tail = _dealt(provider, "bit_square", _tfp_bit_square, x.size(), device=y.device)
             dealt.append((a, tail))
-            z = plain_ring((x ^ r_bin).share) & 1
-            masked += [tables.pack_bits(z.reshape(-1)), plain_ring(y._tensor.share) - plain_ring(a.share)]
+            masked += [_masked_bits(x, r_bin), plain_ring(y._tensor.share) - plain_ring(a.share)]
         elif kind == "select4":
-            if c.get_world_size() != 2:
-                raise ValueError("merged selections need exactly two computing parties")
-            if tuple(x.size()) != (6, *y.size()[1:]) or y.size(0) != 4:
-                raise ValueError(f"select4 needs bits (6, *g) and values (4, *g): {tuple(x.size())}, {tuple(y.size())}")
+            if y.size(0) != 4:
+                raise ValueError(f"select4 needs the values of groups of four (4, *g), not {tuple(y.size())}")
+            _bits_beside(kind, x, y, c, (6, *y.size()[1:]))
             r_bin, a, tail = _dealt(provider, "select4", _tfp_select4, y.size()[1:], device=y.device)
             dealt.append((a, tail))
-            z = plain_ring((x ^ r_bin).share) & 1
-            masked += [tables.pack_bits(z.reshape(-1)), plain_ring(y._tensor.share) - plain_ring(a.share)]
+            masked += [_masked_bits(x, r_bin), plain_ring(y._tensor.share) - plain_ring(a.share)]
         elif kind == "b2a":
-            if c.get_world_size() != 2:
-                raise ValueError("merged bit conversions need exactly two computing parties")
+            _bits_beside(kind, x, y, c)
             r_arith, r_bin = provider.B2A_rng(x.size(), device=y.device)
             dealt.append(r_arith)
-            masked.append(tables.pack_bits((plain_ring((x ^ r_bin).share) & 1).reshape(-1)))
+            masked.append(_masked_bits(x, r_bin))
         else:
             raise ValueError(f"unknown merged request {kind!r}")
     flat = c.all_reduce(torch.cat([m.reshape(-1) for m in masked]))
@@ -423,7 +412,7 @@ def merged_round(requests):
             out.append(result)
         elif kind == "bit_mul":
             # z = b xor r from the packed words (the other party's: the sum minus mine); r v = c + r dlt
-            zbit = tables.unpack_bits(masked[k] ^ (opened[k] - masked[k]), x.numel()).view(x.size())
+            zbit = _opened_bits(masked[k], opened[k], x)
             dlt = opened[k + 1]
             k += 2
             r_arith, cc = rnd
@@ -432,7 +421,7 @@ def merged_round(requests):
             result._tensor.share = _like(y._tensor.share, zbit * plain_ring(y._tensor.share) + (1 - 2 * zbit) * rv)
             out.append(result)
         elif kind == "bit_square":
-            zbit = tables.unpack_bits(masked[k] ^ (opened[k] - masked[k]), x.numel()).view(x.size())
+            zbit = _opened_bits(masked[k], opened[k], x)
             d = opened[k + 1]
             k += 2
             a, tail = rnd  # tail: r, a^2, r a, r a^2 (arithmetic shares, stacked)
@@ -453,7 +442,7 @@ def merged_round(requests):
                 z = z + _ring_matmul(share, eps, dlt)
             out.append(finish_product(x, y._tensor.encoder, z))
         elif kind == "select4":
-            zbits = tables.unpack_bits(masked[k] ^ (opened[k] - masked[k]), x.numel()).view(x.size())
+            zbits = _opened_bits(masked[k], opened[k], x)
             d = opened[k + 1]
             k += 2
             a, tail = rnd
@@ -462,7 +451,7 @@ def merged_round(requests):
             result._tensor.share = _like(y._tensor.share, z)
             out.append(result)
         elif kind == "b2a":
-            zbit = tables.unpack_bits(masked[k] ^ (opened[k] - masked[k]), x.numel()).view(x.size())
+            zbit = _opened_bits(masked[k], opened[k], x)
             k += 1
             z = (1 - 2 * zbit) * plain_ring(rnd.share)
             if first:
@@ -486,6 +475,27 @@ def merged_round(requests):
                 z = z + eps * dlt
             out.append(finish_product(x, y._tensor.encoder, z))
     return out
+
+
+def _bits_beside(kind: str, bits, values, c, shape=None) -> None:
+    """Check a merged request that opens single bits beside values: two parties, a bit per value
+    (or the bits' ``shape``, for ``select4``)."""
+    if c.get_world_size() != 2:
+        raise ValueError(f"merged {kind} needs exactly two computing parties")
+    want = tuple(values.size()) if shape is None else tuple(shape)
+    if tuple(bits.size()) != want:
+        raise ValueError(f"{kind} needs bits of shape {want}, not {tuple(bits.size())}")
+
+
+def _masked_bits(bits, r_bin) -> torch.Tensor:
+    """This party's share of b xor r (single bits) packed 64 per word: the other party reads it from
+    the sum of the words (its own subtracted), as an XOR opening would tell it."""
+    return tables.pack_bits((plain_ring((bits ^ r_bin).share) & 1).reshape(-1))
+
+
+def _opened_bits(mine: torch.Tensor, total: torch.Tensor, bits) -> torch.Tensor:
+    """The opened b xor r of :func:`_masked_bits`, shaped like ``bits``: my words XOR the other's."""
+    return tables.unpack_bits(mine ^ (total - mine), bits.numel()).view(bits.size())
 
 
 def _ring_matmul(template, a, b):

@@ -127,11 +127,13 @@ def test_parties_receive_no_plaintext_token_during_generation(models, tmp_path):
     for name in ("vendor", "alice"):
         dump = torch.load(audit / f"{name}.pt", weights_only=False)
         received = [t.flatten() for t in dump["received"] if t.dtype == torch.int64]
-        # comparisons open single bits masked by a random bit (CrypTen's B2A): uniform 0/1
+        # bits masked by a random bit travel packed 64 per word (uniform words, checked with the ring
+        # elements) or, in CrypTen's own conversions, one per element: those must be fair coins
         is_bit = [bool(((t == 0) | (t == 1)).all()) for t in received]
-        bits = torch.cat([t for t, b in zip(received, is_bit) if b]).float()
+        bits = torch.cat([t for t, b in zip(received, is_bit) if b] + [torch.zeros(0, dtype=torch.int64)]).float()
         ring = torch.cat([t for t, b in zip(received, is_bit) if not b])
-        assert bits.numel() > 1000 and abs(bits.mean().item() - 0.5) < 0.03, (name, bits.mean())
+        assert bits.numel() == 0 or abs(bits.mean().item() - 0.5) < 6 * 0.5 / bits.numel() ** 0.5, (name, bits.mean())
+        assert ring.numel() > 100_000, (name, ring.numel())
         small = (ring.abs() < 2**48).float().mean().item()
         assert small < 1e-3, (name, small)  # uniformly random ring elements: ~2^-15 are that small
         for obj in dump["objects"]:  # the only plaintext objects: counts, the public architecture

@@ -355,13 +355,17 @@ def test_functions_under_tables_match_lanes16_in_fewer_rounds():
             assert new[name][1] < old[name][1] and new[name][2] < old[name][2], (name, out)
 
 
+def _counted_tables_world(seed: int):
+    """Inside a 2-party world: count rounds, compare by tables; the communicator and a seeded generator."""
+    crypten.cfg.communicator.verbose = True
+    approx.COMPARISON["method"] = "tables"
+    return crypten.communicator.get(), torch.Generator().manual_seed(seed)
+
+
 @crypten.mpc.run_multiprocess(world_size=2)
 def _clipped_exp_world():
     """The clipped exponential, the softmax on it, and the bucket guess whose conversion carries x y."""
-    crypten.cfg.communicator.verbose = True
-    approx.COMPARISON["method"] = "tables"
-    c = crypten.communicator.get()
-    g = torch.Generator().manual_seed(31)
+    c, g = _counted_tables_world(31)
     x = torch.cat([torch.linspace(-250, 1.2, 20001), torch.tensor([-12.0, -11.875, -12.125, 0.0, 1.0])])
     keep = (torch.rand(x.size(), generator=g) > 0.3).float()
     ex, ek = crypten.cryptensor(x), crypten.cryptensor(keep)
@@ -427,10 +431,7 @@ def test_clipped_exp_softmax_and_folded_guess():
 @crypten.mpc.run_multiprocess(world_size=2)
 def _one_round_max_world():
     """The row max with each group's winner selected in one opening (``select4``), ties included."""
-    crypten.cfg.communicator.verbose = True
-    approx.COMPARISON["method"] = "tables"
-    c = crypten.communicator.get()
-    g = torch.Generator().manual_seed(41)
+    c, g = _counted_tables_world(41)
     out = {}
     for n in (128, 100, 16, 7, 3, 2):
         rows = torch.randn(16, n, generator=g) * 20
