@@ -17,8 +17,9 @@ reports with a ``DeprecationWarning`` on every process; it is filtered here.
 CrypTen's ``FixedPointEncoder.decode`` divides negative values by ``scale - 1``
 (floor) and adds the remainder modulo ``scale``: a revealed value within
 k * 2^-16 above a negative integer -k (e.g. -3.99997) decodes 1.0 too low.
-:func:`_exact_decode` replaces it (floor division by the scale, then the
-non-negative remainder), so every revealed output is the exact ring value.
+:func:`_exact_decode` replaces it with :func:`decode_fixed` (the one decoder
+mpc_lm uses, also for its own openings: ``mpc_lm.reveal``), so every revealed
+output is the exact ring value.
 """
 
 from __future__ import annotations
@@ -74,16 +75,20 @@ def import_crypten():
     return crypten
 
 
+def decode_fixed(raw, scale: int):
+    """Exact fixed-point decoding of a ring tensor (float32 result; scale 1: the integers).
+
+    On a GPU CrypTen holds ring values as ``CUDALongTensor``, whose ``/`` is an
+    integer division (it would drop the fraction): unwrap to a plain tensor first.
+    """
+    raw = plain_ring(raw)
+    return (raw.double() / scale).float() if scale > 1 else raw
+
+
 def _exact_decode(self, tensor):
-    """The fixed-point value of a ring tensor: floor(t / scale) + (t mod scale) / scale, exact for
-    every sign (CrypTen 0.4.1's decode is off by -1.0 just above negative integers)."""
-    if tensor is None:
-        return None
-    if self._scale == 1:
-        return tensor.data
-    whole = tensor.div(self._scale, rounding_mode="floor")
-    fraction = tensor - whole * self._scale  # in [0, scale)
-    return (whole.float() + fraction.float() / self._scale).data
+    """``FixedPointEncoder.decode`` by :func:`decode_fixed` (CrypTen 0.4.1's is off by -1.0 just
+    above negative integers)."""
+    return None if tensor is None else decode_fixed(tensor, self._scale).data
 
 
 def plain_ring(t):

@@ -5,24 +5,15 @@ values by ``scale - 1`` and then patches the remainder; the result is off by
 exactly 1.0 with probability about |x| / 2^16 (for a logit of -3, once in
 ~20,000 values). Every opening in mpc_lm goes through :func:`open_to`, which
 reveals the ring value with CrypTen's protocol (the other parties send their
-shares to ``dst`` only) and decodes it in float64 here.
+shares to ``dst`` only) and decodes it exactly (:func:`mpc_lm._compat.decode_fixed`,
+which also replaces CrypTen's decoder).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._compat import plain_ring
-
-
-def decode(raw: torch.Tensor, scale: int) -> torch.Tensor:
-    """Exact fixed-point decoding of a ring tensor (float32 result).
-
-    On a GPU CrypTen holds ring values as ``CUDALongTensor``, whose ``/`` is an
-    integer division (it would drop the fraction): unwrap to a plain tensor first.
-    """
-    raw = plain_ring(raw)
-    return (raw.double() / scale).float() if scale > 1 else raw
+from ._compat import decode_fixed as decode
 
 
 def open_to(value, dst: int | None = None) -> torch.Tensor | None:
