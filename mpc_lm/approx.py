@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from . import tables
+from . import offline, tables
 from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
@@ -510,11 +510,10 @@ def _dealt(provider, name: str, tfp_draw, *args, device=None):
     """The provider's ``name(*args, device=device)`` (mpc_lm/offline.py's dealer), or under the
     insecure TFP provider ``tfp_draw(*args, device)``: party 0 draws and shares (CrypTen's TFP
     convention)."""
-    if hasattr(provider, name):
+    source = offline.dealt_by(name)
+    if source == "dealer":
         return getattr(provider, name)(*args, device=device)
-    from crypten.mpc.provider.tfp_provider import TrustedFirstParty
-
-    if not isinstance(provider, TrustedFirstParty):
+    if source is None:
         raise RuntimeError(f"provider {type(provider).__name__} has no {name}: install mpc_lm.offline's "
                            "PlannedDealer (the party runtime does) or use TFP in development")
     return tfp_draw(*args, device)
@@ -880,10 +879,7 @@ def _dealt_available(name: str) -> bool:
     (mpc_lm/offline.py's planned dealer; party 0 under TFP in development)."""
     if COMPARISON["method"] != "tables" or crypten.communicator.get().get_world_size() != 2:
         return False
-    from crypten.mpc.provider.tfp_provider import TrustedFirstParty
-
-    provider = crypten.mpc.get_default_provider()
-    return hasattr(provider, name) or isinstance(provider, TrustedFirstParty)
+    return offline.dealt_by(name) is not None
 
 
 def clipped_exp_available() -> bool:

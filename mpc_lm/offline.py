@@ -222,6 +222,18 @@ class PlannedDealer(TrustedThirdParty):
         return ArithmeticSharedTensor.from_shares(r_arith, precision=0), BinarySharedTensor.from_shares(r_bin)
 
 
+def dealt_by(name: str) -> str | None:
+    """Who makes the correlated randomness ``name`` in this process: "dealer" (the provider has it:
+    the planned dealer, which the party runtime installs for every TTP run), "tfp" (CrypTen's insecure
+    TFP provider: party 0 draws and secret-shares it), or None (neither)."""
+    provider = crypten.mpc.get_default_provider()
+    if hasattr(provider, name):
+        return "dealer"
+    from crypten.mpc.provider.tfp_provider import TrustedFirstParty
+
+    return "tfp" if isinstance(provider, TrustedFirstParty) else None
+
+
 def _ring(size, gen, device):
     return generate_random_ring_element(size, generator=gen, device=device)
 

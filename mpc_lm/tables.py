@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from . import offline
 from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
@@ -181,12 +182,10 @@ def unpack_lanes(words: torch.Tensor, lane_bits: int, n: int) -> torch.Tensor:
 def key(n: int, lane_bits: int, device, form: str = "narrow"):
     """This party's (shares of r mod 2^L as int64 (n,), table shares (n, words)) from the current
     provider, or None when it deals no tables (then the caller uses the adder)."""
-    provider = crypten.mpc.get_default_provider()
-    if hasattr(provider, "comparison_key"):
-        return provider.comparison_key(n, lane_bits, device=device, form=form)
-    from crypten.mpc.provider.tfp_provider import TrustedFirstParty
-
-    if isinstance(provider, TrustedFirstParty):  # insecure development mode: party 0 makes the tables
+    source = offline.dealt_by("comparison_key")
+    if source == "dealer":
+        return crypten.mpc.get_default_provider().comparison_key(n, lane_bits, device=device, form=form)
+    if source == "tfp":  # insecure development mode: party 0 makes the tables
         return tfp_key(n, lane_bits, device, form)
     return None
 
