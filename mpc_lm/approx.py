@@ -231,6 +231,16 @@ def ge_many(x, thresholds, packed_ok: bool = True, coarse: bool = False):
     return as_fixed(ge_bits(x, thresholds, packed_ok, coarse))
 
 
+def _lanes(coarse: bool, lanes=None) -> tuple[int, int]:
+    """(lane bits, dropped bits) of a packed comparison: ``lanes`` where the caller names them (under
+    ``tables``), the truncated 16-bit lanes where ``coarse`` allows (not under ``packed32``), else the
+    exact 32-bit lanes."""
+    method = COMPARISON["method"]
+    if method == "tables" and lanes is not None:
+        return lanes
+    return (16, COARSE_DROP) if coarse and method != "packed32" else (32, 0)
+
+
 def _ge_protocol(x, thresholds, coarse: bool = False, lanes=None, form: str = "narrow"):
     """A :func:`lockstep` protocol for [x < t] for each public t as single-bit XOR shares (shape
     (K, *x.shape); flip with ``^ 1`` for [x >= t]), or None when :data:`COMPARISON` has no packed
@@ -243,9 +253,7 @@ def _ge_protocol(x, thresholds, coarse: bool = False, lanes=None, form: str = "n
     method = COMPARISON["method"]
     if method not in _PACKED or crypten.communicator.get().get_world_size() != 2:
         return None
-    lane_bits, drop = (16, COARSE_DROP) if coarse and method != "packed32" else (32, 0)
-    if method == "tables" and lanes is not None:
-        lane_bits, drop = lanes
+    lane_bits, drop = _lanes(coarse, lanes)
     if method == "tables":
         dealt = tables.key(x.numel(), lane_bits, x.device, form)
         if dealt is not None:
@@ -554,21 +562,17 @@ def _tfp_bit_square(size, device):
 GROUP_PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
 
 
-def _group_literals():
-    """Per element i of a group of four: its three pairs (indices into GROUP_PAIRS) and whether i wins
-    pair p when the bit is 0 (i is the second element: [x_j > x_i] = [x_i' >= x_j'] xor 1)."""
-    out = []
-    for i in range(4):
-        pairs = [(n, int(pi != i)) for n, (pi, pj) in enumerate(GROUP_PAIRS) if i in (pi, pj)]
-        out.append(pairs)
-    return out
+#: Per element i of a group of four: its three pairs (indices into GROUP_PAIRS), each with 1 where i
+#: wins the pair when its bit is 0 (i is the pair's second element: [x_j > x_i] = [x_i >= x_j] xor 1).
+GROUP_LITERALS = tuple(tuple((n, int(pi != i)) for n, (pi, pj) in enumerate(GROUP_PAIRS) if i in (pi, pj))
+                       for i in range(4))
 
 
 def select4_correlations(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """The dealer's plain values for ``select4``: r (6, *g) random bits of the pairs, a (4, *g) the values'
     masks; returns (50, *g): the six r_p, then per element i the products of its pairs' r over the
     subsets of two and three (4 each), then per element the seven r_S a_i (S non-empty, by bitmask)."""
-    lits = _group_literals()
+    lits = GROUP_LITERALS
     singles = [r[p] for p in range(6)]
     products, times = [], []
     for i in range(4):
@@ -582,7 +586,7 @@ def select4_correlations(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def _select4_combine(z: torch.Tensor, d: torch.Tensor, a: torch.Tensor, tail: torch.Tensor, first: bool):
     """This party's share of sum_i W_i x_i (``select4``) from the opened z (6, *g) and d (4, *g), its
     shares of the masks a (4, *g) and of :func:`select4_correlations`' values ``tail`` (50, *g)."""
-    lits = _group_literals()
+    lits = GROUP_LITERALS
     total = torch.zeros_like(d[0])
     for i in range(4):
         zs = [z[p] ^ flip for p, flip in lits[i]]  # the literal's opened value z' = b' xor r
@@ -1035,7 +1039,7 @@ def _group_ge_binary(cols, pairs, lanes=None):
     if method not in _PACKED or crypten.communicator.get().get_world_size() != 2:
         return None
     if method != "packed32":  # lanes16, tables: consistent, each element truncated once (see above)
-        lane_bits, drop = lanes if lanes is not None and method == "tables" else (16, COARSE_DROP)
+        lane_bits, drop = _lanes(True, lanes)
         t = [_lane_values(c, lane_bits, drop) for c in cols]
         values = torch.stack([(t[i] - t[j]) & ((1 << lane_bits) - 1) for i, j in pairs])
         (below,) = lockstep(_sign(values, lane_bits))
@@ -1065,16 +1069,21 @@ def _bucket_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int = 1, coa
     2^(1/(2 steps)) (0.125 instead of 0.091 for 4 steps, t >= 1/2). Otherwise exact.
     """
     thresholds, first, deltas = _buckets(x, lo_exp, hi_exp, power, steps)
-    coarse = coarse and hi_exp <= COARSE_DROP - 1 and lo_exp >= -1
-    # packed comparisons of x - t are exact while x < packed_limit() (2^15): thresholds up to half
-    # of it leave inputs up to twice the top threshold exact (beyond that the top bucket's guess
-    # is too far off for Newton anyway)
-    bits = ge_bits(x, thresholds, packed_ok=2.0**hi_exp <= packed_limit() / 2,
-                   coarse=coarse, form="wide")  # one element per row, many thresholds: wide tables
+    coarse, packed_ok = _bucket_lanes(lo_exp, hi_exp, coarse)
+    bits = ge_bits(x, thresholds, packed_ok=packed_ok, coarse=coarse,
+                   form="wide")  # one element per row, many thresholds: wide tables
     # sum_k bit_k * (value_k - value_{k-1}): exact integer products of the 0/1 shares, one op
     guess = mul_public_int(bits, deltas).sum(0)
     guess.encoder = FixedPointEncoder()
     return guess + first
+
+
+def _bucket_lanes(lo_exp: int, hi_exp: int, coarse: bool) -> tuple[bool, bool]:
+    """(coarse, packed_ok) for the guess's comparisons: truncated lanes only where :func:`_bucket_guess`
+    allows them; packed lanes while x - t stays exact in them (x < packed_limit(), 2^15: thresholds up
+    to half of it leave inputs up to twice the top threshold exact; beyond that the top bucket's guess
+    is too far off for Newton anyway)."""
+    return coarse and hi_exp <= COARSE_DROP - 1 and lo_exp >= -1, 2.0**hi_exp <= packed_limit() / 2
 
 
 def _buckets(x, lo_exp: int, hi_exp: int, power: float, steps: int):
@@ -1099,9 +1108,8 @@ def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, co
     if COMPARISON["method"] != "tables" or crypten.communicator.get().get_world_size() != 2:
         return None
     thresholds, first, deltas = _buckets(x, lo_exp, hi_exp, power, steps)
-    coarse = coarse and hi_exp <= COARSE_DROP - 1 and lo_exp >= -1  # as _bucket_guess decides
-    exact = 2.0**hi_exp <= packed_limit() / 2
-    bits = ge_binary(x, thresholds, coarse and exact, lanes=None if exact else (64, 0), form="wide")
+    coarse, packed_ok = _bucket_lanes(lo_exp, hi_exp, coarse)  # as ge_bits under tables
+    bits = ge_binary(x, thresholds, coarse and packed_ok, lanes=None if packed_ok else (64, 0), form="wide")
     if bits is None:
         return None
     stacked = x.unsqueeze(0).expand(len(thresholds), *x.size())
@@ -1116,23 +1124,30 @@ def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, co
     return (guess + first, xy, *more)
 
 
+def _guess_with_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse: bool = False):
+    """(y, x y) for the bucket guess y: in one round with its conversion where :func:`_guess_and_product`
+    applies, otherwise the guess and then x y (one round more)."""
+    folded = _guess_and_product(x, lo_exp, hi_exp, power, steps, coarse)
+    if folded is not None:
+        return folded
+    y = _bucket_guess(x, lo_exp, hi_exp, power, steps, coarse)
+    return y, x * y
+
+
 def reciprocal(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1, coarse: bool = False):
     """1/x for x in [2^lo_exp, 2^hi_exp] (x > 0).
 
     Newton-Raphson y <- y (2 - x y) from the bucket guess: relative error
     e0 <= 2^(1/(2 steps)) - 1 (0.42 for 1 step per octave, 0.091 for 4),
     e_{k+1} = e_k^2: 4 iterations (1 step) or 2 (4 steps) reach < 1e-4 before fixed point.
-    Cost: one C + 2 rounds per iteration. ``coarse``: see :func:`_bucket_guess` (x <= 2^hi_exp).
+    Cost: one C + 2 rounds per iteration, one fewer under ``tables`` with two parties (the guess's
+    conversion carries the first x y: :func:`_guess_and_product`). ``coarse``: see :func:`_bucket_guess`.
     """
-    folded = _guess_and_product(x, lo_exp, hi_exp, -1.0, steps) if iterations and not coarse else None
-    if folded is not None:  # the guess's conversion and the first x y in one round
-        y, xy = folded[:2]
-        for i in range(iterations):
-            y = y * (2 - (x * y if i else xy))
-        return y
-    y = _bucket_guess(x, lo_exp, hi_exp, -1.0, steps, coarse)
-    for _ in range(iterations):
-        y = y * (2 - x * y)
+    if iterations == 0:
+        return _bucket_guess(x, lo_exp, hi_exp, -1.0, steps, coarse)
+    y, xy = _guess_with_product(x, lo_exp, hi_exp, -1.0, steps, coarse)
+    for i in range(iterations):
+        y = y * (2 - (x * y if i else xy))
     return y
 
 
@@ -1155,23 +1170,18 @@ def scaled_inv_sqrt(x, a, lo_exp: int, hi_exp: int, iterations: int, steps: int 
     """a / sqrt(x) for x in [2^lo_exp, 2^hi_exp] (x > 0, broadcastable to a's), with the last Newton
     step folded into the product: (x y) and (a y) in one round, (x y) y, then (a y)(3 - x y^2) / 2.
 
-    Cost: C + 3 iterations rounds (``a * inv_sqrt(x)``: C + 3 iterations + 1).
+    Cost: C + 3 iterations rounds (``a * inv_sqrt(x)``: C + 3 iterations + 1), one fewer under ``tables``
+    with two parties (:func:`_guess_and_product`).
     """
-    folded = _guess_and_product(x, lo_exp, hi_exp, -0.5, steps) if iterations else None
-    if folded is not None:  # the guess's conversion and x y in one round (C + 3 iterations - 1)
-        y, xy = folded[:2]
-        for _ in range(iterations - 1):
-            y = y * (3 - xy * y) * 0.5
-            xy = x * y
-        xyy, ay = mul_batch([(xy, y), (a, y)])
-        return ay * (3 - xyy) * 0.5
-    y = _bucket_guess(x, lo_exp, hi_exp, -0.5, steps)
     if iterations == 0:
-        return a * y
+        return a * _bucket_guess(x, lo_exp, hi_exp, -0.5, steps)
+    y, xy = _guess_with_product(x, lo_exp, hi_exp, -0.5, steps)
     for _ in range(iterations - 1):
-        y = y * (3 - (x * y) * y) * 0.5
-    xy, ay = mul_batch([(x, y), (a, y)])
-    return ay * (3 - xy * y) * 0.5
+        y = y * (3 - xy * y) * 0.5
+        xy = x * y
+    # (x y) y rather than x (y^2): for large x, y^2 has too few fixed-point bits
+    xyy, ay = mul_batch([(xy, y), (a, y)])
+    return ay * (3 - xyy) * 0.5
 
 
 def inv_sqrt(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1):
@@ -1180,20 +1190,15 @@ def inv_sqrt(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1):
     Newton-Raphson y <- y (3 - x y^2) / 2 from the bucket guess: relative error
     e0 <= 2^(1/(4 steps)) - 1 (0.19 for 1 step per octave, 0.044 for 4),
     e_{k+1} ~ 1.5 e_k^2: 3 iterations (1 step) or 2 (4 steps) give ~3e-5.
-    Cost: one C + 3 rounds per iteration.
+    Cost: one C + 3 rounds per iteration, one fewer under ``tables`` with two parties
+    (:func:`_guess_and_product`).
     """
-    folded = _guess_and_product(x, lo_exp, hi_exp, -0.5, steps) if iterations else None
-    if folded is not None:  # the guess's conversion and the first x y in one round
-        y, xy = folded[:2]
-        for i in range(iterations):
-            if i:
-                xy = x * y
-            y = y * (3 - xy * y) * 0.5
-        return y
-    y = _bucket_guess(x, lo_exp, hi_exp, -0.5, steps)
-    for _ in range(iterations):
+    if iterations == 0:
+        return _bucket_guess(x, lo_exp, hi_exp, -0.5, steps)
+    y, xy = _guess_with_product(x, lo_exp, hi_exp, -0.5, steps)
+    for i in range(iterations):
         # (x y) y rather than x (y^2): for large x, y^2 has too few fixed-point bits
-        y = y * (3 - (x * y) * y) * 0.5
+        y = y * (3 - (x * y if i else xy) * y) * 0.5
     return y
 
 
