@@ -527,35 +527,56 @@ def _dealt(provider, name: str, tfp_draw, *args, device=None):
     return tfp_draw(*args, device)
 
 
+# The correlations the dealer deals, as plain functions of its random values: the planned dealer
+# (mpc_lm/dealer.py) and, under the insecure TFP provider, party 0 (the ``_tfp_*`` draws) use them alike.
+
+
+def product_correlations(a: torch.Tensor, pairs) -> torch.Tensor:
+    """a_i a_j for each pair (i, j) of the masks a (m, *size): ``products``."""
+    return torch.stack([a[i] * a[j] for i, j in pairs])
+
+
+def bit_correlations(r: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(r, r b) for random bits r and a mask b: ``bit_mul``."""
+    return torch.stack([r, r * b])
+
+
+def bit_square_correlations(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """(r, a^2, r a, r a^2) for random bits r and a mask a: ``bit_square``."""
+    return torch.stack([r, a * a, r * a, r * a * a])
+
+
+def _tfp_deal(bit_size, mask_size, correlations, device):
+    """Under TFP: party 0 draws random bits r and ring masks a and shares r (XOR), a and correlations(r, a)."""
+    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
+    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
+
+    r = plain_ring(generate_kbit_random_tensor(bit_size, bitlength=1, device=device))
+    a = plain_ring(generate_random_ring_element(mask_size, device=device))
+    return (BinarySharedTensor(r, src=0), ArithmeticSharedTensor(a, precision=0, src=0),
+            plain_ring(ArithmeticSharedTensor(correlations(r, a), precision=0, src=0).share))
+
+
 def _tfp_product_triples(size, m, pairs, device):
     from crypten.common.rng import generate_random_ring_element
     from crypten.mpc.primitives import ArithmeticSharedTensor
 
     a = plain_ring(generate_random_ring_element((m, *size), device=device))
-    c = torch.stack([a[i] * a[j] for i, j in pairs])
-    return tuple(plain_ring(ArithmeticSharedTensor(t, precision=0, src=0).share) for t in (a, c))
+    return tuple(plain_ring(ArithmeticSharedTensor(t, precision=0, src=0).share)
+                 for t in (a, product_correlations(a, pairs)))
 
 
 def _tfp_bit_triple(size, device):
-    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
-    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
+    from crypten.mpc.primitives import ArithmeticSharedTensor
 
-    r = generate_kbit_random_tensor(size, bitlength=1, device=device)
-    b = generate_random_ring_element(size, device=device)
-    c = plain_ring(r) * plain_ring(b)
-    return (BinarySharedTensor(r, src=0), *(ArithmeticSharedTensor(t, precision=0, src=0) for t in (r, b, c)))
+    r_bin, b, tail = _tfp_deal(size, size, bit_correlations, device)
+    r_arith, c = tail.unbind(0)
+    return r_bin, ArithmeticSharedTensor.from_shares(r_arith, precision=0), b, \
+        ArithmeticSharedTensor.from_shares(c, precision=0)
 
 
 def _tfp_bit_square(size, device):
-    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
-    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
-
-    r = generate_kbit_random_tensor(size, bitlength=1, device=device)
-    a = generate_random_ring_element(size, device=device)
-    r, a = plain_ring(r), plain_ring(a)
-    tail = torch.stack([r, a * a, r * a, r * a * a])
-    return (BinarySharedTensor(r, src=0), ArithmeticSharedTensor(a, precision=0, src=0),
-            plain_ring(ArithmeticSharedTensor(tail, precision=0, src=0).share))
+    return _tfp_deal(size, size, bit_square_correlations, device)
 
 
 #: The pairs (i, j), i < j, of a group of four whose bits [x_i >= x_j] ``select4`` takes, in order.
@@ -603,14 +624,7 @@ def _select4_combine(z: torch.Tensor, d: torch.Tensor, a: torch.Tensor, tail: to
 
 
 def _tfp_select4(size, device):
-    from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element
-    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
-
-    r = plain_ring(generate_kbit_random_tensor((6, *size), bitlength=1, device=device))
-    a = plain_ring(generate_random_ring_element((4, *size), device=device))
-    tail = select4_correlations(r, a)
-    return (BinarySharedTensor(r, src=0), ArithmeticSharedTensor(a, precision=0, src=0),
-            plain_ring(ArithmeticSharedTensor(tail, precision=0, src=0).share))
+    return _tfp_deal((6, *size), (4, *size), select4_correlations, device)
 
 
 def finish_product(x, y_encoder, z):

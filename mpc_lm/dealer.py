@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from . import offline
+from . import approx, offline
 from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
@@ -55,37 +55,36 @@ class Dealer(TTPServer):
         c = torch.matmul(a, b)
         return c - self._get_additive_PRSS(c.size(), remove_rank=True)
 
+    def _deal(self, values):
+        """Party 0's shares of ``values``: the values minus every other party's seeded share."""
+        return values - plain_ring(self._get_additive_PRSS(values.size(), remove_rank=True))
+
+    def _deal_bits_and_masks(self, bit_size, mask_size, correlations):
+        """Random bits r and ring masks a drawn from every party's seed (in that order), and party 0's
+        shares of correlations(r, a)."""
+        r = plain_ring(self._get_binary_PRSS(torch.Size(bit_size), bitlength=1))
+        a = plain_ring(self._get_additive_PRSS(torch.Size(mask_size)))
+        return self._deal(correlations(r, a))
+
     def products(self, size, m, pairs):
         """Party 0's shares of a_i a_j for each pair (i, j) of m fresh masks a (approx.merged_round)."""
         a = plain_ring(self._get_additive_PRSS(torch.Size([m, *size])))
-        c = torch.stack([a[i] * a[j] for i, j in pairs])
-        return c - plain_ring(self._get_additive_PRSS(c.size(), remove_rank=True))
+        return self._deal(approx.product_correlations(a, pairs))
 
     def bit_triple(self, size):
         """Party 0's shares of (r, r b) for a random bit r and a random ring tensor b (both drawn from
         every party's seed): a bit times a value (mpc_lm/approx.py, merged rounds)."""
-        r = plain_ring(self._get_binary_PRSS(torch.Size(size), bitlength=1))
-        b = plain_ring(self._get_additive_PRSS(torch.Size(size)))
-        pair = torch.stack([r, r * b])
-        return pair - plain_ring(self._get_additive_PRSS(pair.size(), remove_rank=True))
+        return self._deal_bits_and_masks(size, size, approx.bit_correlations)
 
     def bit_square(self, size):
         """Party 0's shares of (r, a^2, r a, r a^2) for a random bit r and a random ring tensor a (both
         drawn from every party's seed): a bit times a square (mpc_lm/approx.py, merged rounds)."""
-        r = plain_ring(self._get_binary_PRSS(torch.Size(size), bitlength=1))
-        a = plain_ring(self._get_additive_PRSS(torch.Size(size)))
-        tail = torch.stack([r, a * a, r * a, r * a * a])
-        return tail - plain_ring(self._get_additive_PRSS(tail.size(), remove_rank=True))
+        return self._deal_bits_and_masks(size, size, approx.bit_square_correlations)
 
     def select4(self, size):
         """Party 0's shares of approx.select4_correlations(r, a) for random pair bits r (6, *size) and masks
         a (4, *size) (both drawn from every party's seed): a group of four's winner in one opening."""
-        from .approx import select4_correlations
-
-        r = plain_ring(self._get_binary_PRSS(torch.Size([6, *size]), bitlength=1))
-        a = plain_ring(self._get_additive_PRSS(torch.Size([4, *size])))
-        tail = select4_correlations(r, a)
-        return tail - plain_ring(self._get_additive_PRSS(tail.size(), remove_rank=True))
+        return self._deal_bits_and_masks((6, *size), (4, *size), approx.select4_correlations)
 
     def compare(self, n, lane_bits, form="narrow"):
         """Party 0's shares of the comparison tables of fresh masks r (mpc_lm/tables.py)."""
