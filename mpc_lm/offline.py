@@ -183,37 +183,38 @@ class PlannedDealer(TrustedThirdParty):
         a, c = self._shares("products", device, [(masks, _ring)], (products, _ring), (size, m, pairs))
         return plain_ring(a), plain_ring(c)
 
+    def _bits_and_masks(self, function: str, bit_size, mask_size, rows: int, device, size=None):
+        """(r_bin, a, tail): random bits r (XOR shares) and ring masks a every party draws from its dealer
+        seed, and the ``rows`` dealt correlations of the dealer's ``function(size)`` (party 0's shares dealt,
+        party 1's drawn), shaped (rows, *size); ``size`` defaults to ``bit_size``."""
+        size = torch.Size(bit_size if size is None else size)
+        r_bin, a, tail = self._shares(function, device, [(torch.Size(bit_size), _bit), (torch.Size(mask_size), _ring)],
+                                      (torch.Size([rows, *size]), _ring), (size,))
+        return BinarySharedTensor.from_shares(r_bin), ArithmeticSharedTensor.from_shares(a, precision=0), tail
+
     def bit_triple(self, size, device=None):
         """(r_bin, r_arith, b, c): a random bit r as XOR and as arithmetic shares, a random ring tensor
         b and c = r b, for a bit times a value in one opening of the value (approx.merged_round).
         Every party draws r_bin and b from its dealer seed; the dealer deals party 0's shares of
         r_arith and c (stacked)."""
-        size = torch.Size(size)
-        pair = torch.Size([2, *size])
-        r_bin, b, dealt = self._shares("bit_triple", device, [(size, _bit), (size, _ring)], (pair, _ring), (size,))
+        r_bin, b, dealt = self._bits_and_masks("bit_triple", size, size, 2, device)
         r_arith, c = plain_ring(dealt).unbind(0)
-        return (BinarySharedTensor.from_shares(r_bin),
-                *(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (r_arith, b, c)))
+        return (r_bin, ArithmeticSharedTensor.from_shares(r_arith, precision=0), b,
+                ArithmeticSharedTensor.from_shares(c, precision=0))
 
     def bit_square(self, size, device=None):
         """(r_bin, a, tail): a random bit r as XOR shares, a random ring tensor a, and the arithmetic
         shares of (r, a^2, r a, r a^2) stacked, for a bit times a square in one opening of the value
         (approx.merged_round's ``bit_square``). Every party draws r_bin and a from its dealer seed;
         the dealer deals party 0's shares of the tail."""
-        size = torch.Size(size)
-        r_bin, a, tail = self._shares("bit_square", device, [(size, _bit), (size, _ring)],
-                                      (torch.Size([4, *size]), _ring), (size,))
-        return BinarySharedTensor.from_shares(r_bin), ArithmeticSharedTensor.from_shares(a, precision=0), tail
+        return self._bits_and_masks("bit_square", size, size, 4, device)
 
     def select4(self, size, device=None):
         """(r_bin, a, tail): random bits r (6, *size) for a group of four's pairwise bits, masks a (4, *size)
         of its values, and the arithmetic shares of approx.select4_correlations(r, a) (50, *size), for the
         winner's value in one opening (approx.merged_round's ``select4``). Every party draws r_bin and a
         from its dealer seed; the dealer deals party 0's shares of the tail."""
-        size = torch.Size(size)
-        r_bin, a, tail = self._shares("select4", device, [(torch.Size([6, *size]), _bit), (torch.Size([4, *size]), _ring)],
-                                      (torch.Size([50, *size]), _ring), (size,))
-        return BinarySharedTensor.from_shares(r_bin), ArithmeticSharedTensor.from_shares(a, precision=0), tail
+        return self._bits_and_masks("select4", (6, *size), (4, *size), 50, device, size)
 
     def B2A_rng(self, size, device=None):
         if self.mode == "pass":
