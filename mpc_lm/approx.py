@@ -1119,7 +1119,7 @@ def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, co
     Saves the round of the conversion: the first Newton product needs only x y. ``coarse`` as in
     :func:`_bucket_guess`; ``extra``: more :func:`merged_round` requests for the same round, whose
     results follow (y, x y)."""
-    if COMPARISON["method"] != "tables" or crypten.communicator.get().get_world_size() != 2:
+    if not _dealt_available("bit_triple"):
         return None
     thresholds, first, deltas = _buckets(x, lo_exp, hi_exp, power, steps)
     coarse, packed_ok = _bucket_lanes(lo_exp, hi_exp, coarse)  # as ge_bits under tables
