@@ -746,8 +746,18 @@ def _chebyshev_value_protocol(v, coeffs):
     if degree <= 2:
         T = yield from _chebyshev_protocol(v, degree)
         return chebyshev_series(T, v, coeffs)
+    T = yield from _chebyshev_protocol(v, (degree + 1) // 2)
+    low, factor, top = _chebyshev_halves(T, v, coeffs)
+    (product,) = yield [("mul", factor, top)]
+    return low + product
+
+
+def _chebyshev_halves(T: dict, v, coeffs):
+    """(low, T_h, top) with sum_k coeffs[k] T_k(v) = low + T_h top, from the basis T_1..T_h
+    (h = ceil(d / 2); :func:`_chebyshev_value_protocol`). Local."""
+    degree = len(coeffs) - 1
     h = (degree + 1) // 2
-    T = yield from _chebyshev_protocol(v, h)
+    T = dict(T)
     T[0] = v * 0 + 1.0
     low = chebyshev_series(T, v, coeffs[: h + 1])
     top = None
@@ -755,8 +765,7 @@ def _chebyshev_value_protocol(v, coeffs):
         term = T[j] * float(2 * coeffs[h + j])
         top = term if top is None else top + term
         low = low - T[h - j] * float(coeffs[h + j])
-    (product,) = yield [("mul", T[h], top)]
-    return low + product
+    return low, T[h], top
 
 
 def chebyshev(v, coeffs):
@@ -885,11 +894,28 @@ def exp_nonpositive(x, iterations: int):
     return result
 
 
-#: :func:`exp_clipped`: e^x = p(x / 2^EXP_SQUARINGS)^(2^EXP_SQUARINGS) for x >= -EXP_CLIP and 0 below, p
-#: Taylor's degree-4 polynomial of e^y. Its comparisons read CLIP_LANES: 12-bit lanes from bit 13 of the
-#: shares (units of 1/8, |x| < 256), two one-word table chunks (the opening + one AND round).
-EXP_CLIP, EXP_SQUARINGS = 12.0, 3
+#: :func:`exp_clipped`: e^x = u(x)^2 for x >= -EXP_CLIP and 0 below, u a degree-EXP_DEGREE Chebyshev series of
+#: e^(x/2) fitted on EXP_FIT. Its comparisons read CLIP_LANES: 12-bit lanes from bit 13 of the shares (units of
+#: 1/8, |x| < 256), two one-word table chunks (the opening + one AND round).
+EXP_CLIP, EXP_DEGREE = 12.0, 8
+EXP_FIT = (-12.5, 1.2)
 CLIP_LANES = (12, 13)
+
+
+@lru_cache(maxsize=None)
+def fit_exp_half(lo: float, hi: float, degree: int) -> tuple[float, ...]:
+    """Chebyshev coefficients of u(t) ~ e^(x/2), t = (x - m) / w mapping [lo, hi] onto [-1, 1], fitted so that
+    u^2 is near-minimax against e^x in absolute error (the softmax's numerators). Deterministic."""
+    x = np.linspace(lo, hi, 20001)
+    t = (x - (lo + hi) / 2) / ((hi - lo) / 2)
+    basis = np.polynomial.chebyshev.chebvander(t, degree)
+    target, weights = np.exp(x / 2), np.ones_like(x)
+    for _ in range(100):  # iteratively reweighted least squares towards minimax of |u^2 - e^x|
+        coeffs, *_ = np.linalg.lstsq(basis * weights[:, None], target * weights, rcond=None)
+        u = basis @ coeffs
+        err = np.abs(u * u - np.exp(x))
+        weights = weights * (1 + err / err.max())
+    return tuple(float(c) for c in coeffs)
 
 
 def _dealt_available(name: str) -> bool:
@@ -906,31 +932,25 @@ def clipped_exp_available() -> bool:
     return _dealt_available("bit_square")
 
 
-def _exp_taylor(y):
-    """Protocol: 1 + y + y^2 (1/2 + y/6 + y^2/24), Taylor's degree-4 polynomial of e^y, in 2 rounds."""
-    (y2,) = yield [("mul", y, y)]
-    (tail,) = yield [("mul", y2, y * (1 / 6) + y2 * (1 / 24) + 0.5)]
-    return y + tail + 1
-
-
 def _exp_clipped_protocol(x, keep):
     from crypten.mpc.primitives import BinarySharedTensor
 
-    y = x * (1.0 / 2**EXP_SQUARINGS)
-    below, dropped, p = yield from together(
+    lo, hi = EXP_FIT
+    t = x * (2 / (hi - lo)) - (lo + hi) / (hi - lo)
+    coeffs = fit_exp_half(lo, hi, EXP_DEGREE)
+    below, dropped, T = yield from together(
         _ge_protocol(x, [-EXP_CLIP], lanes=CLIP_LANES),  # [x < -T]
         _ge_protocol(keep, [0.5], lanes=CLIP_LANES),  # [keep < 1/2]
-        _exp_taylor(y))
+        _chebyshev_protocol(t, (EXP_DEGREE + 1) // 2))
     n = x.numel()
     inside = plain_ring((below ^ 1).share).reshape(-1)
     kept = plain_ring((dropped ^ 1).share).reshape(keep.size()).expand(x.size()).reshape(-1)
     left = BinarySharedTensor.from_shares(tables.pack_bits(inside))
     right = BinarySharedTensor.from_shares(tables.pack_bits(kept))
-    both, p2 = yield [("and", left, right), ("mul", p, p)]
+    low, factor, top = _chebyshev_halves(T, t, coeffs)
+    both, product = yield [("and", left, right), ("mul", factor, top)]
     w = BinarySharedTensor.from_shares(tables.unpack_bits(plain_ring(both.share), n).view(x.size()))
-    for _ in range(EXP_SQUARINGS - 2):
-        (p2,) = yield [("mul", p2, p2)]
-    (e,) = yield [("bit_square", w, p2)]
+    (e,) = yield [("bit_square", w, low + product)]
     return e
 
 
@@ -938,15 +958,15 @@ def exp_clipped(x, keep):
     """e^x * keep for softmax inputs x in (-256, 1.2] and a secret 0/1 ``keep`` broadcastable to x (same
     number of dimensions), when :func:`clipped_exp_available`.
 
-    e^x = p(x/8)^8 with p Taylor's degree-4 polynomial of e^y, for x >= -12; 0 below (e^-12 = 6e-6).
-    In exact arithmetic the error is below 7.6e-5 on [-14, 1.2] (p(y)^8 >= e^(8y) - 7.6e-5, and p's
-    minimum 0.27 at y = -1.6 keeps p(y)^8 < 3e-5 out to x = -14), so the comparison's resolution
-    (x in [-12, -11.875) may read as below -12) costs nothing. The clip bit [x >= -12] and the mask's
-    bit [keep >= 1/2] are read from comparison tables (:data:`CLIP_LANES`) while the polynomial is
-    evaluated, ANDed while p is squared, and applied with the last squaring in one opening (the
-    ``bit_square`` of :func:`merged_round`): keep [x >= -12] (p^4)^2.
-    Rounds: 5 (opening + y^2; AND + y^2 L; AND + p^2; p^4; bit_square), against 8 squarings + 1
-    product for :func:`exp_nonpositive` times the mask.
+    e^x = u(x)^2 with u a degree-8 Chebyshev series of e^(x/2) on [-12.5, 1.2] (:func:`fit_exp_half`), for
+    x >= -12; 0 below (e^-12 = 6e-6). In exact arithmetic |u^2 - e^x| < 1.2e-5 on [-12.5, 1.2], so the
+    comparison's resolution (x in [-12, -11.875) may read as below -12) costs nothing; below -12.5 the
+    series is meaningless (even overflows the ring) but is multiplied by an exact 0. The clip bit
+    [x >= -12] and the mask's bit [keep >= 1/2] are read from comparison tables (:data:`CLIP_LANES`)
+    while the basis is built, ANDed beside the series' last product, and applied with the square in one
+    opening (the ``bit_square`` of :func:`merged_round`): keep [x >= -12] u^2.
+    Rounds: 4 (opening + T_2; AND of the chunks + T_3, T_4; AND of the bits + the top half; bit_square),
+    against 8 squarings + 1 product for :func:`exp_nonpositive` times the mask.
     """
     return lockstep(_exp_clipped_protocol(x, keep))[0]
 
@@ -1138,6 +1158,90 @@ def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, co
     return (guess + first, xy, *more)
 
 
+#: A linear first guess (:func:`_linear_guess`) is used only where every guess on the range is at least this:
+#: a 16-bit fixed-point guess y is rounded by up to 2^-17 / y relative, which no later Newton step corrects.
+LINEAR_GUESS_FLOOR = 2.0**-8
+#: Largest magnitude (ring units) of a bucket's linear term before its truncation: the 2-party truncation fails
+#: with probability about |v| / 2^63 per element, so 2^44 keeps it below 2^-19.
+LINEAR_TERM_LIMIT_BITS = 44
+
+
+@lru_cache(maxsize=None)
+def _linear_fit(power: float, steps: int) -> tuple[float, float]:
+    """(c0, c1) with c0 + c1 u near-minimax in relative error against u^power on [1, 2^(1/steps)]. By scaling,
+    t^power (c0 + c1 x / t) fits x^power on [t, t 2^(1/steps)] as well (8.8e-5 for power -1/2 and 16 steps,
+    2.3e-4 for power -1). Deterministic."""
+    u = np.linspace(1.0, 2.0 ** (1.0 / steps), 513)
+    basis, target = np.stack([np.ones_like(u), u], 1), u**power
+    weights = 1 / target
+    for _ in range(200):  # iteratively reweighted least squares towards minimax relative error
+        coeffs, *_ = np.linalg.lstsq(basis * weights[:, None], target * weights, rcond=None)
+        err = np.abs(basis @ coeffs - target) / target
+        weights = weights * (1 + err / err.max())
+    return float(coeffs[0]), float(coeffs[1])
+
+
+def _linear_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse: bool = False,
+                  scale_exp: int = 0, extra=()):
+    """(y, *more) for y = 2^scale_exp x^power from one line per bucket, its bits' conversion and the
+    lines' slopes read in ONE round; None where not available (then the bucket guess and Newton steps).
+
+    The buckets are :func:`_bucket_guess`'s (``steps`` thresholds per octave over [2^lo_exp, 2^hi_exp]);
+    in bucket [t, t 2^(1/steps)) the guess is t^power (c0 + c1 x / t) (:func:`_linear_fit`): relative
+    error 8.8e-5 (1/sqrt x) or 2.3e-4 (1/x) at 16 steps, with no Newton step. The round opens the bits
+    masked (``b2a``, for the intercepts: sum_k bits_k times the steps between intercepts, exact) beside
+    ``bit_mul`` of each bit with x (for the slopes: the one-hot o_j x = b_j x - b_{j+1} x, times bucket
+    j's slope). Slopes span many octaves (x^(power - 1)), so each octave's slope terms are encoded with
+    as many fractional bits as keep |slope x| below 2^LINEAR_TERM_LIMIT_BITS ring units and truncated
+    once; an octave that does not hold x sums to an exact 0. Inputs below 2^lo_exp get the lowest line,
+    above 2^hi_exp the highest (extrapolated). ``coarse``: truncated comparisons as in
+    :func:`_bucket_guess` (a flip reads x just above a threshold into the bucket below, whose line
+    extrapolated that far is off by up to ~10x its fit error). Requires ``tables`` with two parties and
+    a dealer of bit triples, and every guess on the range >= :data:`LINEAR_GUESS_FLOOR`. ``extra``: more
+    :func:`merged_round` requests for the same round, whose results follow y.
+    Cost: C + 1 rounds, against C + 1 + 2 (1/x) or C + 1 + 3 (1/sqrt x) per Newton step.
+    """
+    if power >= 0 or 2.0 ** (power * hi_exp + scale_exp) < LINEAR_GUESS_FLOOR:
+        return None
+    if not _dealt_available("bit_triple"):
+        return None
+    ks = list(range(lo_exp * steps + 1, hi_exp * steps + 1))
+    coarse, packed_ok = _bucket_lanes(lo_exp, hi_exp, coarse)  # as ge_bits under tables
+    bits = ge_binary(x, [2.0 ** (k / steps) for k in ks], coarse and packed_ok,
+                     lanes=None if packed_ok else (64, 0), form="wide")
+    if bits is None:
+        return None
+    stacked = x.unsqueeze(0).expand(len(ks), *x.size())
+    ints, times, *more = merged_round([("b2a", bits, stacked), ("bit_mul", bits, stacked), *extra])
+    c0, c1 = _linear_fit(power, steps)
+    edges = [2.0 ** (k / steps) for k in [lo_exp * steps] + ks]  # each bucket's lower edge
+    scale = FixedPointEncoder().scale
+    shape = [-1] + [1] * x.dim()
+    # intercepts (2^scale_exp t^power c0, encoded and rounded once each): sum_k b_k (A_k - A_{k-1}), exact
+    ends = [round(2.0**scale_exp * t**power * c0 * scale) for t in edges]
+    steps_between = torch.tensor([b - a for a, b in zip(ends, ends[1:])], dtype=torch.long).view(shape)
+    guess = mul_public_int(ints, steps_between).sum(0)
+    guess.encoder = FixedPointEncoder()
+    guess = guess + ends[0] / scale
+    # slopes: o_j x (ring, scale 2^16) for the one-hot buckets j = 0..K
+    share = plain_ring(times._tensor.share)
+    xs = plain_ring(x._tensor.share).unsqueeze(0)
+    one_hot = torch.cat([xs, share]) - torch.cat([share, torch.zeros_like(xs)])
+    octaves = [math.floor(round(math.log2(t) * steps) / steps) for t in edges]
+    for octave in sorted(set(octaves)):
+        members = [j for j, o in enumerate(octaves) if o == octave]
+        top = 2.0 ** (scale_exp + power * octave)  # the largest |slope x| in the octave is below |c1| times this
+        bits_here = max(0, min(40, LINEAR_TERM_LIMIT_BITS - 2 * 16 - math.ceil(math.log2(abs(c1) * top * 1.1))))
+        slope_scale = 2.0 ** (16 + bits_here)
+        slopes = torch.tensor([round(2.0**scale_exp * edges[j] ** (power - 1) * c1 * slope_scale) for j in members],
+                              dtype=torch.long, device=one_hot.device).view(shape)
+        term = guess.clone()
+        term._tensor.share = _like(x._tensor.share, (one_hot[members[0] : members[-1] + 1] * slopes).sum(0))
+        term._tensor.div_(int(slope_scale))
+        guess = guess + term
+    return (guess, *more)
+
+
 def _guess_with_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse: bool = False):
     """(y, x y) for the bucket guess y: in one round with its conversion where :func:`_guess_and_product`
     applies, otherwise the guess and then x y (one round more)."""
@@ -1165,12 +1269,17 @@ def reciprocal(x, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1, coa
     return y
 
 
-def scaled_reciprocal(x, a, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1, coarse: bool = False):
+def scaled_reciprocal(x, a, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1, coarse: bool = False,
+                      linear: bool = False):
     """a / x for x in [2^lo_exp, 2^hi_exp] (x > 0, shape broadcastable to a's), with the last Newton
     step folded into the product: a y (2 - x y) as x y and a y in one round, then one product.
 
     Cost: C + 2 (iterations - 1) + 2 rounds (``a * reciprocal(x)``: C + 2 iterations + 1).
+    ``linear``: the linear first guess and its product, C + 2 rounds, where :func:`_linear_guess` applies.
     """
+    guess = _linear_guess(x, lo_exp, hi_exp, -1.0, steps, coarse) if linear else None
+    if guess is not None:
+        return a * guess[0]
     y = _bucket_guess(x, lo_exp, hi_exp, -1.0, steps, coarse)
     if iterations == 0:
         return a * y
@@ -1180,13 +1289,17 @@ def scaled_reciprocal(x, a, lo_exp: int, hi_exp: int, iterations: int, steps: in
     return ay * (2 - xy)
 
 
-def scaled_inv_sqrt(x, a, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1):
+def scaled_inv_sqrt(x, a, lo_exp: int, hi_exp: int, iterations: int, steps: int = 1, linear: bool = False):
     """a / sqrt(x) for x in [2^lo_exp, 2^hi_exp] (x > 0, broadcastable to a's), with the last Newton
     step folded into the product: (x y) and (a y) in one round, (x y) y, then (a y)(3 - x y^2) / 2.
 
     Cost: C + 3 iterations rounds (``a * inv_sqrt(x)``: C + 3 iterations + 1), one fewer under ``tables``
-    with two parties (:func:`_guess_and_product`).
+    with two parties (:func:`_guess_and_product`). ``linear``: the linear first guess and its product,
+    C + 2 rounds, where :func:`_linear_guess` applies (e.g. a LayerNorm's range, 1/sqrt(x) >= 2^-7).
     """
+    guess = _linear_guess(x, lo_exp, hi_exp, -0.5, steps) if linear else None
+    if guess is not None:
+        return a * guess[0]
     if iterations == 0:
         return a * _bucket_guess(x, lo_exp, hi_exp, -0.5, steps)
     y, xy = _guess_with_product(x, lo_exp, hi_exp, -0.5, steps)
@@ -1258,18 +1371,31 @@ def masked_softmax(scores, key_mask, exp_iterations: int, reciprocal_iterations:
     return scaled_reciprocal(total, e, -1, hi_exp, reciprocal_iterations, steps, coarse=True)  # total <= T
 
 
+#: :func:`masked_softmax_matmul`'s linear guess is of 2^SOFTMAX_GUESS_EXP / sum e, and e V is truncated by as much
+#: more: the row sums span [1, 2^9], so neither factor keeps fewer than ~2^-17 relative (docs/performance.md).
+SOFTMAX_GUESS_EXP = 4
+
+
 def masked_softmax_matmul(scores, key_mask, values, exp_iterations: int, reciprocal_iterations: int, steps: int = 1,
-                          max_arity: int = 2, exp: str = "clipped"):
+                          max_arity: int = 2, exp: str = "clipped", linear: bool = False):
     """``masked_softmax(scores, key_mask, ...) @ values`` with the normalisation after the product.
 
     softmax(s) V = diag(1 / sum_j e_j) (e V): each row's reciprocal is a scalar, so it can scale the
     product of the unnormalised exponentials with the values. Under ``tables`` (two parties) e V travels
     in the round that converts the reciprocal's guess (:func:`_guess_and_product`), and the Newton step
     y (2 - x y) is applied to e V's rows (head_dim wide, not keys wide): from the exponentials to the
-    context, C + 3 rounds instead of C + 3 + 1, and fewer bytes. Otherwise :func:`masked_softmax`, then
-    the product.
+    context, C + 3 rounds instead of C + 3 + 1, and fewer bytes. ``linear`` (where :func:`_linear_guess`
+    applies): y' = 16 / sum e from the linear guess, e V in the same round and truncated by 16 more,
+    then (e V / 16) y': C + 2 rounds. Otherwise :func:`masked_softmax`, then the product.
     """
     e, total, hi_exp = _masked_exp(scores, key_mask, exp_iterations, max_arity, exp)
+    if linear:
+        guess = _linear_guess(total, -1, hi_exp, -1.0, steps, coarse=True, scale_exp=SOFTMAX_GUESS_EXP,
+                              extra=[("matmul", e, values)])
+        if guess is not None:
+            y, ev = guess
+            ev._tensor.div_(2**SOFTMAX_GUESS_EXP)
+            return ev * y
     folded = None
     if reciprocal_iterations:
         folded = _guess_and_product(total, -1, hi_exp, -1.0, steps, coarse=True, extra=[("matmul", e, values)])

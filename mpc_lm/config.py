@@ -122,6 +122,12 @@ class Approximations(_Strict):
     guess_steps_per_octave: int = Field(16, ge=1, le=16, description="thresholds per octave of the first guess of "
                                         "1/x and 1/sqrt(x): more cost comparison bytes (few with comparison "
                                         "tables: all thresholds share one opening), save Newton rounds")
+    first_guess: Literal["linear", "constant"] = Field(
+        "linear", description="first guess of 1/x and 1/sqrt(x) from the bucket thresholds: linear = a line per "
+        "bucket, read in the round that converts the bits, no Newton step (LayerNorm C + 2 rounds after the "
+        "variance, the softmax's normalisation C + 2; needs comparison: tables, 2 computing parties and a dealer, "
+        "and a range whose guesses stay >= 2^-8, else constant); constant = the bucket's middle value, then the "
+        "*_iterations Newton steps")
     comparison: Literal["tables", "lanes16", "packed32", "crypten"] = Field(
         "tables", description="tables: the widths of lanes16, each sign read from comparison tables the dealer "
         "deals (one opening + one AND round for 16-bit lanes, + two for 32-bit; ~20 bytes per element instead of "

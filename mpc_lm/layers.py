@@ -49,7 +49,7 @@ def layer_norm(x, gamma, beta, eps: float, ap: Approximations):
     squares, scaled = approx.mul_batch([(centered, centered), (centered, gamma)])
     var = squares.mean(dim=-1, keepdim=True)
     return approx.scaled_inv_sqrt(var + eps, scaled, VAR_LO_EXP, VAR_HI_EXP, ap.inv_sqrt_iterations,
-                                  ap.guess_steps_per_octave) + beta
+                                  ap.guess_steps_per_octave, ap.first_guess == "linear") + beta
 
 
 def activation(x, name: str, ap: Approximations):
@@ -92,7 +92,7 @@ def self_attention(x, key_mask, p: dict, prefix: str, heads: int, ap: Approximat
     else:  # normalised after the product with V (approx.masked_softmax_matmul)
         context = merge_heads(approx.masked_softmax_matmul(scores, key_mask, v, ap.exp_iterations,
                                                            ap.reciprocal_iterations, ap.guess_steps_per_octave,
-                                                           ap.max_arity, ap.exp))
+                                                           ap.max_arity, ap.exp, ap.first_guess == "linear"))
     return linear(context, p[f"{prefix}.out.weight"], p[f"{prefix}.out.bias"])
 
 
@@ -118,7 +118,7 @@ def mean_pool(hidden, mask, ap: Approximations):
     if ap.mode == "crypten":
         return total * count.reciprocal()
     return approx.scaled_reciprocal(count, total, -1, hi_exp, ap.reciprocal_iterations, ap.guess_steps_per_octave,
-                                    coarse=True)  # count <= T
+                                    coarse=True, linear=ap.first_guess == "linear")  # count <= T
 
 
 def tanh(x, ap: Approximations):

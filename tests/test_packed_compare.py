@@ -389,9 +389,11 @@ def _clipped_exp_world():
     values = torch.randn(2, 4, 32, 16, generator=g) * 3
     es, em, ev = crypten.cryptensor(s), crypten.cryptensor(m), crypten.cryptensor(values)
     c.reset_communication_stats()
-    fused = approx.masked_softmax_matmul(es, em, ev, 8, 1, 16, 4)
-    rounds = c.get_communication_stats()["rounds"]
-    out["fused"] = [float((fused.get_plain_text() - ref @ values).abs().max()), rounds]
+    for name, linear in (("fused", False), ("fused/linear", True)):
+        c.reset_communication_stats()
+        fused = approx.masked_softmax_matmul(es, em, ev, 8, 1, 16, 4, linear=linear)
+        rounds = c.get_communication_stats()["rounds"]
+        out[name] = [float((fused.get_plain_text() - ref @ values).abs().max()), rounds]
     v = 2.0 ** (torch.rand(48, 1, generator=g) * 25 - 11.5)
     a = torch.randn(48, 64, generator=g)
     ev, ea = crypten.cryptensor(v), crypten.cryptensor(a)
@@ -399,6 +401,8 @@ def _clipped_exp_world():
         approx.COMPARISON["method"] = method
         for name, fn, ref, size in (("inv_sqrt", lambda: approx.inv_sqrt(ev, -12, 14, 1, 16), 1 / v.sqrt(), 1 / v.sqrt()),
                                     ("scaled_inv_sqrt", lambda: approx.scaled_inv_sqrt(ev, ea, -12, 14, 1, 16),
+                                     a / v.sqrt(), a.abs().max() / v.sqrt()),
+                                    ("linear_inv_sqrt", lambda: approx.scaled_inv_sqrt(ev, ea, -12, 14, 1, 16, True),
                                      a / v.sqrt(), a.abs().max() / v.sqrt()),
                                     ("reciprocal", lambda: approx.reciprocal(ev, -12, 14, 2, 4), 1 / v, 1 / v)):
             c.reset_communication_stats()
@@ -414,17 +418,21 @@ def _clipped_exp_world():
 def test_clipped_exp_softmax_and_folded_guess():
     for out in _in_fresh_world("_clipped_exp_world"):
         err, masked, rounds = out["exp"]
-        # (Taylor's degree-4 e^(x/8))^8 and the clip at -12: 7.6e-5 exactly, fixed point adds the rest
-        assert err < 1e-3 and masked <= 2**-15 and rounds == 5, out
+        # (degree-8 Chebyshev series of e^(x/2))^2 and the clip at -12: 1.2e-5 exactly, fixed point adds the rest
+        assert err < 1e-3 and masked <= 2**-15 and rounds == 4, out
         clipped, limit = out["clipped"], out["limit"]
         assert clipped[0] <= max(limit[0], 5e-3) and clipped[1] <= 2**-15, out
-        assert clipped[2] == limit[2] - 4, out  # 5 rounds for exp and mask instead of 8 + 1
-        # softmax(s) V with the normalisation after the product: the context in the softmax's own rounds
+        assert clipped[2] == limit[2] - 5, out  # 4 rounds for exp and mask instead of 8 + 1
+        # softmax(s) V with the normalisation after the product: the context in the softmax's own rounds,
+        # one fewer with the linear first guess (no Newton step)
         assert out["fused"][1] == clipped[2] and out["fused"][0] < 0.05, out
+        assert out["fused/linear"][1] == clipped[2] - 1 and out["fused/linear"][0] < 0.05, out
         # the guess's conversion carries the first x y: one round fewer than lanes16's C + B2A + Newton
         assert out["inv_sqrt/tables"][1] == 2 + 3 and out["scaled_inv_sqrt/tables"][1] == 2 + 3, out
         assert out["reciprocal/tables"][1] == 2 + 2 + 2, out
-        for name in ("inv_sqrt", "scaled_inv_sqrt", "reciprocal"):
+        # the linear guess: its conversion, then the product; lanes16 has no dealer of bit triples: Newton
+        assert out["linear_inv_sqrt/tables"][1] == 2 + 2 and out["linear_inv_sqrt/lanes16"][1] > 2 + 2, out
+        for name in ("inv_sqrt", "scaled_inv_sqrt", "linear_inv_sqrt", "reciprocal"):
             assert out[f"{name}/tables"][0] < 2e-3 and out[f"{name}/lanes16"][0] < 2e-3, out
 
 

@@ -195,7 +195,7 @@ def attention(x, p: dict, prefix: str, arch: CausalArch, ap: Approximations, key
     mask = approx.mul_public_int(key_mask[:, :total].unsqueeze(1).unsqueeze(1), causal)
     context = layers.merge_heads(approx.masked_softmax_matmul(scores, mask, v, ap.exp_iterations,
                                                               ap.reciprocal_iterations, ap.guess_steps_per_octave,
-                                                              ap.max_arity, ap.exp))
+                                                              ap.max_arity, ap.exp, ap.first_guess == "linear"))
     return layers.linear(context, p[f"{prefix}.out.weight"], p.get(f"{prefix}.out.bias"))
 
 
