@@ -326,9 +326,9 @@ def merged_round(requests):
       z_p = b_p xor r_p (packed bits) and the four d_i = x_i - a_i are opened together; each W_i is a
       polynomial in its three r_p with public coefficients, so W_i x_i = sum_S coef_S (d_i r_S + r_S a_i)
       with the products r_S and r_S a_i dealt (:func:`select4_correlations`). No truncation;
-    * ``("b2a", b, like)``: single-bit XOR shares b as 0/1 arithmetic shares of scale 1 (CrypTen's
-      B2A: z = b xor r opened, here as packed bits, and b = z + (1 - 2 z) r), in an MPCTensor
-      cloned from ``like`` (b's shape).
+    * ``("bit_mul_b2a", b, v)``: ``bit_mul``'s b * v and, from the same opening and bit triple, b itself
+      as 0/1 arithmetic shares of scale 1 (CrypTen's B2A: b = z + (1 - 2 z) r), as one result: the pair
+      (b, b v) of MPCTensors shaped like v.
 
     Returns the results in order (MPCTensor, BinarySharedTensor, plain tensor, MPCTensor).
     """
@@ -363,7 +363,7 @@ def merged_round(requests):
             a, b, cc = provider.generate_binary_triple(x.size(), y.size(), device=x.device)
             dealt.append((a, b, cc))
             masked += [plain_ring((x ^ a).share), plain_ring((y ^ b).share)]
-        elif kind == "bit_mul":
+        elif kind in ("bit_mul", "bit_mul_b2a"):
             _bits_beside(kind, x, y, c)
             r_bin, r_arith, b, cc = _dealt(provider, "bit_triple", _tfp_bit_triple, x.size(), device=y.device)
             dealt.append((r_arith, cc))
@@ -380,11 +380,6 @@ def merged_round(requests):
             r_bin, a, tail = _dealt(provider, "select4", _tfp_select4, y.size()[1:], device=y.device)
             dealt.append((a, tail))
             masked += [_masked_bits(x, r_bin), plain_ring(y._tensor.share) - plain_ring(a.share)]
-        elif kind == "b2a":
-            _bits_beside(kind, x, y, c)
-            r_arith, r_bin = provider.B2A_rng(x.size(), device=y.device)
-            dealt.append(r_arith)
-            masked.append(_masked_bits(x, r_bin))
         else:
             raise ValueError(f"unknown merged request {kind!r}")
     flat = c.all_reduce(torch.cat([m.reshape(-1) for m in masked]))
@@ -418,16 +413,24 @@ def merged_round(requests):
             result = cc.shallow_copy()
             result.share = _like(cc.share, z)
             out.append(result)
-        elif kind == "bit_mul":
+        elif kind in ("bit_mul", "bit_mul_b2a"):
             # z = b xor r from the packed words (the other party's: the sum minus mine); r v = c + r dlt
             zbit = _opened_bits(masked[k], opened[k], x)
             dlt = opened[k + 1]
             k += 2
             r_arith, cc = rnd
-            rv = plain_ring(cc.share) + plain_ring(r_arith.share) * dlt
+            r = plain_ring(r_arith.share)
             result = y.clone()
-            result._tensor.share = _like(y._tensor.share, zbit * plain_ring(y._tensor.share) + (1 - 2 * zbit) * rv)
-            out.append(result)
+            result._tensor.share = _like(y._tensor.share, zbit * plain_ring(y._tensor.share)
+                                         + (1 - 2 * zbit) * (plain_ring(cc.share) + r * dlt))
+            if kind == "bit_mul":
+                out.append(result)
+                continue
+            bit = (1 - 2 * zbit) * r + (zbit if first else 0)
+            ints = y.clone()
+            ints._tensor.share = _like(y._tensor.share, bit)
+            ints.encoder = FixedPointEncoder(precision_bits=0)
+            out.append((ints, result))
         elif kind == "bit_square":
             zbit = _opened_bits(masked[k], opened[k], x)
             d = opened[k + 1]
@@ -457,16 +460,6 @@ def merged_round(requests):
             z = _select4_combine(zbits, d, plain_ring(a.share), plain_ring(tail), first)
             result = y[0].clone()
             result._tensor.share = _like(y._tensor.share, z)
-            out.append(result)
-        elif kind == "b2a":
-            zbit = _opened_bits(masked[k], opened[k], x)
-            k += 1
-            z = (1 - 2 * zbit) * plain_ring(rnd.share)
-            if first:
-                z = z + zbit
-            result = y.clone()
-            result._tensor.share = _like(y._tensor.share, z)
-            result.encoder = FixedPointEncoder(precision_bits=0)
             out.append(result)
         elif y is x:  # x^2 = r^2 + 2 eps r + eps^2
             (r, r2), eps = rnd, opened[k]
@@ -813,13 +806,25 @@ def _gelu_inside(x):
     return x * 0.5 + inside
 
 
+@lru_cache(maxsize=None)
+def _odd_series(name: str, bound: float, degree: int) -> tuple[float, ...]:
+    """:func:`fit_even_odd`'s odd fit as a Chebyshev series in u = x / bound itself: u T_k(2u^2 - 1) =
+    u T_2k(u) = (T_2k+1(u) + T_2k-1(u)) / 2, so the same polynomial has degree 2 degree + 1 in u."""
+    coeffs = [0.0] * (2 * degree + 2)
+    for k, c in enumerate(fit_even_odd(name, bound, degree)):
+        if k == 0:
+            coeffs[1] += c
+        else:
+            coeffs[2 * k + 1] += c / 2
+            coeffs[2 * k - 1] += c / 2
+    return tuple(coeffs)
+
+
 def _tanh_inside(x):
-    """tanh's odd polynomial on [-4.5, 4.5] as a :func:`lockstep` protocol (6 rounds)."""
-    (square,) = yield [("mul", x, x)]
-    v = square * (2 / TANH_BOUND**2) - 1
-    inside = yield from _chebyshev_value_protocol(v, fit_even_odd("tanh", TANH_BOUND, TANH_DEGREE))
-    (scaled,) = yield [("mul", inside, x * (1 / TANH_BOUND))]
-    return scaled
+    """tanh's odd polynomial on [-4.5, 4.5] as a :func:`lockstep` protocol: the degree-21 series in
+    u = x / 4.5 (:func:`_odd_series`), 5 rounds (the basis to T_11, then its top half in one product)."""
+    inside = yield from _chebyshev_value_protocol(x * (1 / TANH_BOUND), _odd_series("tanh", TANH_BOUND, TANH_DEGREE))
+    return inside
 
 
 def gelu(x):
@@ -850,10 +855,10 @@ def gelu(x):
 def tanh(x):
     """tanh(x): sign(x) beyond 4.5, odd degree-21 polynomial inside.
 
-    Fit error 4.3e-4; tail error 2.5e-4. Cost: with packed comparisons, adder and polynomial
-    side by side (6 rounds) + 1 selecting round: 7. Otherwise C + 6.
+    Fit error 4.3e-4; tail error 2.5e-4. Cost: with packed comparisons, the comparison and the
+    polynomial side by side (5 rounds) + 1 selecting round: 6. Otherwise C + 5.
     """
-    protocol = _ge_protocol(x, [-TANH_BOUND, TANH_BOUND], coarse=True, form="deep")  # 3 rounds beside 6
+    protocol = _ge_protocol(x, [-TANH_BOUND, TANH_BOUND], coarse=True, form="deep")  # 3 rounds beside 5
     if protocol is not None:  # lo (inside + 1) + hi (1 - inside) - 1
         below, inside = lockstep(protocol, _tanh_inside(x))
         bits = below ^ 1
@@ -1133,8 +1138,8 @@ def _buckets(x, lo_exp: int, hi_exp: int, power: float, steps: int):
 
 def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse: bool = False, extra=()):
     """(y, x y) for the bucket guess y of x^power (as :func:`_bucket_guess` makes it), the
-    bits' conversion and the product x y in ONE round: ``b2a`` of the bits beside ``bit_mul`` of the
-    bits with x (each bit's product with x, then sum_k delta_k (b_k x), truncated once). Under
+    bits' conversion and the product x y in ONE round: ``bit_mul_b2a`` of the bits with x (each bit
+    converted and times x from one opening, then sum_k delta_k (b_k x), truncated once). Under
     ``tables`` with two parties; None otherwise (then the guess, and x y a round later).
     Saves the round of the conversion: the first Newton product needs only x y. ``coarse`` as in
     :func:`_bucket_guess`; ``extra``: more :func:`merged_round` requests for the same round, whose
@@ -1147,7 +1152,7 @@ def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, co
     if bits is None:
         return None
     stacked = x.unsqueeze(0).expand(len(thresholds), *x.size())
-    ints, times, *more = merged_round([("b2a", bits, stacked), ("bit_mul", bits, stacked), *extra])
+    (ints, times), *more = merged_round([("bit_mul_b2a", bits, stacked), *extra])
     encoder = FixedPointEncoder()
     guess = mul_public_int(ints, deltas).sum(0)
     guess.encoder = encoder
@@ -1189,9 +1194,9 @@ def _linear_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse:
     The buckets are :func:`_bucket_guess`'s (``steps`` thresholds per octave over [2^lo_exp, 2^hi_exp]);
     in bucket [t, t 2^(1/steps)) the guess is t^power (c0 + c1 x / t) (:func:`_linear_fit`): relative
     error 8.8e-5 (1/sqrt x) or 2.3e-4 (1/x) at 16 steps, with no Newton step. The round opens the bits
-    masked (``b2a``, for the intercepts: sum_k bits_k times the steps between intercepts, exact) beside
-    ``bit_mul`` of each bit with x (for the slopes: the one-hot o_j x = b_j x - b_{j+1} x, times bucket
-    j's slope). Slopes span many octaves (x^(power - 1)), so each octave's slope terms are encoded with
+    masked beside x's mask (``bit_mul_b2a``): each bit converted (for the intercepts: sum_k b_k times the
+    steps between intercepts, exact) and times x (for the slopes: the one-hot o_j x = b_j x - b_{j+1} x,
+    times bucket j's slope). Slopes span many octaves (x^(power - 1)), so each octave's slope terms are encoded with
     as many fractional bits as keep |slope x| below 2^LINEAR_TERM_LIMIT_BITS ring units and truncated
     once; an octave that does not hold x sums to an exact 0. Inputs below 2^lo_exp get the lowest line,
     above 2^hi_exp the highest (extrapolated). ``coarse``: truncated comparisons as in
@@ -1212,7 +1217,7 @@ def _linear_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse:
     if bits is None:
         return None
     stacked = x.unsqueeze(0).expand(len(ks), *x.size())
-    ints, times, *more = merged_round([("b2a", bits, stacked), ("bit_mul", bits, stacked), *extra])
+    (ints, times), *more = merged_round([("bit_mul_b2a", bits, stacked), *extra])
     c0, c1 = _linear_fit(power, steps)
     edges = [2.0 ** (k / steps) for k in [lo_exp * steps] + ks]  # each bucket's lower edge
     scale = FixedPointEncoder().scale

@@ -199,10 +199,10 @@ def test_bits_converted_inside_the_selecting_product():
         assert fused["gelu"][0] < 3e-4 and fused["tanh"][0] < 2e-3 and fused["relu"][0] < 2**-15, out
         # rounds (each + 1 for the reveal): CrypTen's circuit C (9, with B2A) + 1 product;
         # packed/lanes: the B2A rides on the product, so C - 1 + 1; GELU and tanh run the
-        # adder (5 rounds) beside their polynomial (4 and 6 rounds), then select: 6 and 7
+        # adder (5 rounds) beside their polynomial (4 and 5 rounds), then select: 6 and 6
         assert fused["relu"][1] == 8 and separate["relu"][1] == 10, out
-        assert fused["gelu"][1] == 7 and fused["tanh"][1] == 8, out
-        assert separate["gelu"][1] == 14 and separate["tanh"][1] == 16, out
+        assert fused["gelu"][1] == 7 and fused["tanh"][1] == 7, out
+        assert separate["gelu"][1] == 14 and separate["tanh"][1] == 15, out
 
 
 # ---------------------------------------------------------------- comparison tables (approx.comparison: tables)
