@@ -25,10 +25,11 @@ modes (--modes, default all four):
                  the trained model is (epsilon, delta)-DP. Reports the accountant's epsilon.
   mpc            mpc_lm: every party is its own process (model owner, data owner, dealer
                  serving Beaver triples; or the parties of --mpc-config); weights and
-                 text are secret-shared. Until encrypted training (mpc_lm/train.py) lands,
-                 it runs encrypted INFERENCE of the plaintext-trained model (mpc_phase:
-                 inference): accuracy, agreement with the plaintext model, bytes and
-                 rounds per party (online / dealer), and modelled LAN and WAN times.
+                 text are secret-shared. By default it runs encrypted INFERENCE of the
+                 plaintext-trained model (--mpc-phase inference; --mpc-phase train runs
+                 encrypted fine-tuning, mpc_lm/train.py): accuracy, agreement with the
+                 plaintext model, bytes and rounds per party (online / dealer), and
+                 modelled LAN and WAN times.
   crypten-naive  the same MPC run with CrypTen's stock functions (approx.mode: crypten:
                  its softmax, erf GELU, inv_sqrt LayerNorm, tanh, reciprocal, default
                  max) instead of mpc_lm's: the ratio shows what our choices buy.
