@@ -109,15 +109,15 @@ class Approximations(_Strict):
     precision_bits: int = Field(16, ge=8, le=24)
     gelu: Literal["poly", "erf", "sigmoid"] = "poly"
     exp: Literal["clipped", "limit"] = Field(
-        "clipped", description="softmax exponential: clipped = (Taylor's degree-4 polynomial of e^(x/8))^8, zero "
-        "below x = -12, the clip and padding mask read from comparison tables and applied with the last squaring "
-        "(5 rounds; needs comparison: tables and 2 computing parties, else limit); limit = (1 + x/2^n)^(2^n) "
+        "clipped", description="softmax exponential: clipped = the square of a degree-8 Chebyshev series of "
+        "e^(x/2), zero below x = -12, the clip and padding mask read from comparison tables and applied with the "
+        "square (4 rounds; needs comparison: tables and 2 computing parties, else limit); limit = (1 + x/2^n)^(2^n) "
         "with n = exp_iterations, then the mask's product (n + 1 rounds)")
     exp_iterations: int = Field(8, ge=4, le=12, description="n of the limit exponential")
-    reciprocal_iterations: int = Field(1, ge=1, le=20, description="Newton steps after the bucketed guess "
+    reciprocal_iterations: int = Field(1, ge=1, le=20, description="Newton steps after the constant bucketed guess "
                                        "(1 with 16 guess steps per octave, or 2 with 4, reach the fixed-point "
                                        "floor, ~2e-3 relative at 1/128)")
-    inv_sqrt_iterations: int = Field(1, ge=1, le=10, description="Newton steps after the bucketed guess "
+    inv_sqrt_iterations: int = Field(1, ge=1, le=10, description="Newton steps after the constant bucketed guess "
                                      "(1 with 16 guess steps per octave, or 2 with 4)")
     guess_steps_per_octave: int = Field(16, ge=1, le=16, description="thresholds per octave of the first guess of "
                                         "1/x and 1/sqrt(x): more cost comparison bytes (few with comparison "
