@@ -1206,18 +1206,35 @@ def _linear_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse:
     :func:`merged_round` requests for the same round, whose results follow y.
     Cost: C + 1 rounds, against C + 1 + 2 (1/x) or C + 1 + 3 (1/sqrt x) per Newton step.
     """
-    if power >= 0 or 2.0 ** (power * hi_exp + scale_exp) < LINEAR_GUESS_FLOOR:
-        return None
-    if not _dealt_available("bit_triple"):
+    protocol = _linear_guess_protocol(x, lo_exp, hi_exp, power, steps, coarse, scale_exp, extra)
+    return None if protocol is None else lockstep(protocol)[0]
+
+
+def linear_guess_available(power: float, hi_exp: int, scale_exp: int = 0) -> bool:
+    """Whether :func:`_linear_guess` applies here to a range whose top is 2^hi_exp (the guesses there stay
+    >= :data:`LINEAR_GUESS_FLOOR`; ``tables`` with two parties and a dealer of bit triples)."""
+    return power < 0 and 2.0 ** (power * hi_exp + scale_exp) >= LINEAR_GUESS_FLOOR and _dealt_available("bit_triple")
+
+
+def _linear_guess_protocol(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse: bool = False,
+                           scale_exp: int = 0, extra=()):
+    """:func:`_linear_guess` as a :func:`lockstep` protocol returning (y, *more), or None where it does not
+    apply. The comparison's dealt key is asked for here, when the protocol is made."""
+    if not linear_guess_available(power, hi_exp, scale_exp):
         return None
     ks = list(range(lo_exp * steps + 1, hi_exp * steps + 1))
     coarse, packed_ok = _bucket_lanes(lo_exp, hi_exp, coarse)  # as ge_bits under tables
-    bits = ge_binary(x, [2.0 ** (k / steps) for k in ks], coarse and packed_ok,
-                     lanes=None if packed_ok else (64, 0), form="wide")
-    if bits is None:
+    compare = _ge_protocol(x, [2.0 ** (k / steps) for k in ks], coarse and packed_ok,
+                           lanes=None if packed_ok else (64, 0), form="wide")
+    if compare is None:
         return None
+    return _linear_guess_rounds(x, compare, ks, lo_exp, power, steps, scale_exp, extra)
+
+
+def _linear_guess_rounds(x, compare, ks, lo_exp: int, power: float, steps: int, scale_exp: int, extra):
+    below = yield from compare
     stacked = x.unsqueeze(0).expand(len(ks), *x.size())
-    (ints, times), *more = merged_round([("bit_mul_b2a", bits, stacked), *extra])
+    (ints, times), *more = yield [("bit_mul_b2a", below ^ 1, stacked), *extra]
     c0, c1 = _linear_fit(power, steps)
     edges = [2.0 ** (k / steps) for k in [lo_exp * steps] + ks]  # each bucket's lower edge
     scale = FixedPointEncoder().scale
@@ -1245,6 +1262,46 @@ def _linear_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse:
         term._tensor.div_(int(slope_scale))
         guess = guess + term
     return (guess, *more)
+
+
+def normalized_mean(centered, gamma, eps: float, keep, lo_exp: int, hi_exp: int, count_hi_exp: int, steps: int):
+    """sum_t keep_t centered_t gamma / sqrt(var_t + eps) / sum_t keep_t (a LayerNorm before beta, mean-pooled over
+    the kept tokens), or None where :func:`_linear_guess` does not apply. ``centered`` (B, T, H), ``keep`` (B, T).
+
+    As one protocol of 6 rounds instead of LayerNorm's 5 and mean pooling's 4: the token count's linear
+    guess (the opening, then its conversion) runs beside the LayerNorm's squares and comparison; the mask
+    multiplies centered gamma while the variances' bits are opened (sum_t keep_t (a_t y_t) = sum_t y_t
+    (keep_t a_t)); then sum_t y_t (keep a)_t as one product of (B, 1, T) and (B, T, H), then the count's
+    guess. Same products as the separate layers, in another order, so the same truncations.
+    """
+    if not (linear_guess_available(-0.5, hi_exp) and linear_guess_available(-1.0, count_hi_exp)):
+        return None
+    kept = keep.unsqueeze(-1)
+    count = _linear_guess_protocol(kept.sum(dim=1), -1, count_hi_exp, -1.0, steps, coarse=True)
+    if count is None:
+        return None
+
+    def pooled_sum():
+        squares, scaled = yield [("mul", centered, centered), ("mul", centered, gamma)]
+        var = squares.mean(dim=-1, keepdim=True) + eps
+        guess = _linear_guess_protocol(var, lo_exp, hi_exp, -0.5, steps)
+        if guess is None:  # linear_guess_available said it applies
+            raise RuntimeError("the LayerNorm's linear guess is not available after all")
+
+        def masked():
+            (product,) = yield [("mul", kept, scaled)]
+            return product
+
+        (y,), product = yield from together(guess, masked())
+        (total,) = yield [("matmul", y.transpose(1, 2), product)]
+        return total.squeeze(1)
+
+    def protocol():
+        (g,), total = yield from together(count, pooled_sum())
+        (mean,) = yield [("mul", total, g)]
+        return mean
+
+    return lockstep(protocol())[0]
 
 
 def _guess_with_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse: bool = False):

@@ -437,6 +437,41 @@ def test_clipped_exp_softmax_and_folded_guess():
 
 
 @crypten.mpc.run_multiprocess(world_size=2)
+def _normalized_mean_world():
+    """The last LayerNorm fused with mean pooling (approx.normalized_mean) against the two layers."""
+    from mpc_lm import layers
+    from mpc_lm.config import Approximations
+
+    c, g = _counted_tables_world(53)
+    x = torch.randn(3, 16, 48, generator=g) * torch.tensor([0.05, 1.0, 9.0]).view(3, 1, 1)
+    gamma, beta = torch.rand(48, generator=g) + 0.5, torch.randn(48, generator=g)
+    mask = torch.ones(3, 16)
+    mask[0, 5:] = 0
+    mask[2, 1:] = 0
+    normed = torch.nn.functional.layer_norm(x, (48,), gamma, beta, 1e-12)
+    ref = (normed * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    ex, eg, eb, em = (crypten.cryptensor(t) for t in (x, gamma, beta, mask))
+    ap = Approximations(comparison="tables")
+    out = {}
+    for name, fn in (("fused", lambda: layers.layer_norm_mean_pool(ex, eg, eb, em, 1e-12, ap)),
+                     ("separate", lambda: layers.mean_pool(layers.layer_norm(ex, eg, eb, 1e-12, ap), em, ap))):
+        c.reset_communication_stats()
+        got = fn()
+        rounds = c.get_communication_stats()["rounds"]
+        out[name] = [float((got.get_plain_text() - ref).abs().max()), rounds]
+    return out
+
+
+def test_layer_norm_fused_with_mean_pooling():
+    for out in _in_fresh_world("_normalized_mean_world"):
+        # 6 rounds: the count's guess beside the LayerNorm, the mask beside its comparison, one pooling product,
+        # the count; the two layers: 5 + 4
+        assert out["fused"][1] == 6 and out["separate"][1] == 5 + 4, out
+        # the rows with sigma = 0.05 dominate: 1/sigma = 20 times the fixed-point rounding of centered * gamma
+        assert out["fused"][0] < 5e-3 and out["separate"][0] < 5e-3, out
+
+
+@crypten.mpc.run_multiprocess(world_size=2)
 def _one_round_max_world():
     """The row max with each group's winner selected in one opening (``select4``), ties included."""
     c, g = _counted_tables_world(41)

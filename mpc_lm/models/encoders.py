@@ -185,8 +185,10 @@ def check_shapes(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ..
 # ------------------------------------------------------------------ secure forward
 
 
-def encode(p: dict, one_hot, mask, arch: EncoderArch, ap: Approximations):
-    """Hidden states (B, T, H) of secret token ids (one-hot) and a secret 0/1 mask (B, T)."""
+def encode(p: dict, one_hot, mask, arch: EncoderArch, ap: Approximations, pool: bool = False):
+    """Hidden states (B, T, H) of secret token ids (one-hot) and a secret 0/1 mask (B, T); with ``pool``, their
+    mean over the real tokens (B, H), the last LayerNorm and the pooling as one protocol
+    (:func:`mpc_lm.layers.layer_norm_mean_pool`)."""
     seq = one_hot.size(1)
     x = layers.embed_tokens(one_hot, p["emb.word"])
     x = x + p["emb.pos"][arch.position_offset : arch.position_offset + seq]
@@ -199,17 +201,19 @@ def encode(p: dict, one_hot, mask, arch: EncoderArch, ap: Approximations):
         x = layers.layer_norm(x + attn, p[f"l{n}.ln1.weight"], p[f"l{n}.ln1.bias"], arch.eps, ap)
         h = layers.activation(layers.linear(x, p[f"l{n}.ff1.weight"], p[f"l{n}.ff1.bias"]), arch.act, ap)
         h = layers.linear(h, p[f"l{n}.ff2.weight"], p[f"l{n}.ff2.bias"])
+        if pool and n == arch.layers - 1:
+            return layers.layer_norm_mean_pool(x + h, p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"], mask, arch.eps, ap)
         x = layers.layer_norm(x + h, p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"], arch.eps, ap)
-    return x
+    return layers.mean_pool(x, mask, ap) if pool else x
 
 
 def head(p: dict, hidden, mask, arch: EncoderArch, ap: Approximations):
-    """Logits (B, num_labels), or pooled embeddings (B, H) when the model has no head."""
+    """Logits (B, num_labels), or pooled embeddings (B, H) when the model has no head. For ``embedding``
+    models ``hidden`` is already pooled (:func:`encode` with ``pool``)."""
     if arch.task == "embedding":
-        pooled = layers.mean_pool(hidden, mask, ap)
         if not arch.num_labels:
-            return pooled
-        return layers.linear(pooled, p["head.out.weight"], p["head.out.bias"])
+            return hidden
+        return layers.linear(hidden, p["head.out.weight"], p["head.out.bias"])
     cls = hidden[:, 0]
     pre = layers.linear(cls, p["head.pre.weight"], p["head.pre.bias"])
     pre = layers.activation(pre, "relu", ap) if arch.family == "distilbert" else layers.tanh(pre, ap)
@@ -217,4 +221,4 @@ def head(p: dict, hidden, mask, arch: EncoderArch, ap: Approximations):
 
 
 def forward(p: dict, one_hot, mask, arch: EncoderArch, ap: Approximations):
-    return head(p, encode(p, one_hot, mask, arch, ap), mask, arch, ap)
+    return head(p, encode(p, one_hot, mask, arch, ap, pool=arch.task == "embedding"), mask, arch, ap)
