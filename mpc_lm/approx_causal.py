@@ -67,7 +67,7 @@ def fit_silu(bound: float, degree: int) -> tuple[float, ...]:
     target = 0.5 * x * np.tanh(0.5 * x)
     weights = np.ones_like(x)
     for _ in range(80):
-        coeffs, *_ = np.linalg.lstsq(basis * weights[:, None], target * weights, rcond=None)
+        coeffs = approx.weighted_least_squares(basis, target, weights)
         err = np.abs(basis @ coeffs - target)
         weights = weights * (1 + err / err.max())
     return tuple(float(c) for c in coeffs)
