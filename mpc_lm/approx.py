@@ -774,6 +774,19 @@ def weighted_least_squares(basis: np.ndarray, target: np.ndarray, weights: np.nd
     return np.linalg.solve(weighted.T @ basis, weighted.T @ target)
 
 
+def minimax_fit(basis: np.ndarray, target: np.ndarray, iterations: int, error=None, weights=None) -> np.ndarray:
+    """Coefficients c of ``basis @ c`` towards the least maximum ``error`` by iteratively reweighted least
+    squares (each point's weight grows with its error). ``error`` maps the fitted values to the errors to
+    even out (default: |fitted - target|); ``weights``: the starting weights (default: ones). Deterministic."""
+    weights = np.ones_like(target) if weights is None else weights
+    for _ in range(iterations):
+        coeffs = weighted_least_squares(basis, target, weights)
+        fitted = basis @ coeffs
+        err = np.abs(fitted - target) if error is None else error(fitted)
+        weights = weights * (1 + err / err.max())
+    return coeffs
+
+
 def _gelu_exact(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
 
@@ -794,12 +807,7 @@ def fit_even_odd(name: str, bound: float, degree: int) -> tuple[float, ...]:
         target, basis = np.tanh(x), basis * (x / bound)[:, None]
     else:
         raise ValueError(f"no fit named {name!r}")
-    weights = np.ones_like(x)
-    for _ in range(80):  # iteratively reweighted least squares towards minimax
-        coeffs = weighted_least_squares(basis, target, weights)
-        err = np.abs(basis @ coeffs - target)
-        weights = weights * (1 + err / err.max())
-    return tuple(float(c) for c in coeffs)
+    return tuple(float(c) for c in minimax_fit(basis, target, 80))
 
 
 GELU_BOUND, GELU_DEGREE = 4.0, 8
@@ -922,12 +930,7 @@ def fit_exp_half(lo: float, hi: float, degree: int) -> tuple[float, ...]:
     x = np.linspace(lo, hi, 20001)
     t = (x - (lo + hi) / 2) / ((hi - lo) / 2)
     basis = np.polynomial.chebyshev.chebvander(t, degree)
-    target, weights = np.exp(x / 2), np.ones_like(x)
-    for _ in range(100):  # iteratively reweighted least squares towards minimax of |u^2 - e^x|
-        coeffs = weighted_least_squares(basis, target, weights)
-        u = basis @ coeffs
-        err = np.abs(u * u - np.exp(x))
-        weights = weights * (1 + err / err.max())
+    coeffs = minimax_fit(basis, np.exp(x / 2), 100, error=lambda u: np.abs(u * u - np.exp(x)))
     return tuple(float(c) for c in coeffs)
 
 
@@ -1186,11 +1189,7 @@ def _linear_fit(power: float, steps: int) -> tuple[float, float]:
     2.3e-4 for power -1). Deterministic."""
     u = np.linspace(1.0, 2.0 ** (1.0 / steps), 513)
     basis, target = np.stack([np.ones_like(u), u], 1), u**power
-    weights = 1 / target
-    for _ in range(200):  # iteratively reweighted least squares towards minimax relative error
-        coeffs = weighted_least_squares(basis, target, weights)
-        err = np.abs(basis @ coeffs - target) / target
-        weights = weights * (1 + err / err.max())
+    coeffs = minimax_fit(basis, target, 200, error=lambda f: np.abs(f - target) / target, weights=1 / target)
     return float(coeffs[0]), float(coeffs[1])
 
 
@@ -1236,38 +1235,48 @@ def _linear_guess_protocol(x, lo_exp: int, hi_exp: int, power: float, steps: int
                            lanes=None if packed_ok else (64, 0), form="wide")
     if compare is None:
         return None
-    return _linear_guess_rounds(x, compare, ks, lo_exp, power, steps, scale_exp, extra)
+    return _linear_guess_rounds(x, compare, lo_exp, hi_exp, power, steps, scale_exp, extra)
 
 
-def _linear_guess_rounds(x, compare, ks, lo_exp: int, power: float, steps: int, scale_exp: int, extra):
-    below = yield from compare
-    stacked = x.unsqueeze(0).expand(len(ks), *x.size())
-    (ints, times), *more = yield [("bit_mul_b2a", below ^ 1, stacked), *extra]
+@lru_cache(maxsize=None)
+def _linear_lines(lo_exp: int, hi_exp: int, power: float, steps: int, scale_exp: int):
+    """The public constants of :func:`_linear_guess` on one range: the lowest intercept (encoded), the encoded
+    steps between consecutive intercepts, and per octave (first bucket, end, slopes encoded, divisor)."""
     c0, c1 = _linear_fit(power, steps)
-    edges = [2.0 ** (k / steps) for k in [lo_exp * steps] + ks]  # each bucket's lower edge
+    edges = [2.0 ** (k / steps) for k in range(lo_exp * steps, hi_exp * steps + 1)]  # each bucket's lower edge
     scale = FixedPointEncoder().scale
-    shape = [-1] + [1] * x.dim()
     # intercepts (2^scale_exp t^power c0, encoded and rounded once each): sum_k b_k (A_k - A_{k-1}), exact
     ends = [round(2.0**scale_exp * t**power * c0 * scale) for t in edges]
-    steps_between = torch.tensor([b - a for a, b in zip(ends, ends[1:])], dtype=torch.long).view(shape)
-    guess = mul_public_int(ints, steps_between).sum(0)
-    guess.encoder = FixedPointEncoder()
-    guess = guess + ends[0] / scale
-    # slopes: o_j x (ring, scale 2^16) for the one-hot buckets j = 0..K
-    share = plain_ring(times._tensor.share)
-    xs = plain_ring(x._tensor.share).unsqueeze(0)
-    one_hot = torch.cat([xs, share]) - torch.cat([share, torch.zeros_like(xs)])
     octaves = [math.floor(round(math.log2(t) * steps) / steps) for t in edges]
+    groups = []
     for octave in sorted(set(octaves)):
         members = [j for j, o in enumerate(octaves) if o == octave]
         top = 2.0 ** (scale_exp + power * octave)  # the largest |slope x| in the octave is below |c1| times this
         bits_here = max(0, min(40, LINEAR_TERM_LIMIT_BITS - 2 * 16 - math.ceil(math.log2(abs(c1) * top * 1.1))))
         slope_scale = 2.0 ** (16 + bits_here)
-        slopes = torch.tensor([round(2.0**scale_exp * edges[j] ** (power - 1) * c1 * slope_scale) for j in members],
-                              dtype=torch.long, device=one_hot.device).view(shape)
+        slopes = tuple(round(2.0**scale_exp * edges[j] ** (power - 1) * c1 * slope_scale) for j in members)
+        groups.append((members[0], members[-1] + 1, slopes, int(slope_scale)))
+    return ends[0], tuple(b - a for a, b in zip(ends, ends[1:])), tuple(groups)
+
+
+def _linear_guess_rounds(x, compare, lo_exp: int, hi_exp: int, power: float, steps: int, scale_exp: int, extra):
+    below = yield from compare
+    stacked = x.unsqueeze(0).expand((hi_exp - lo_exp) * steps, *x.size())
+    (ints, times), *more = yield [("bit_mul_b2a", below ^ 1, stacked), *extra]
+    first, steps_between, groups = _linear_lines(lo_exp, hi_exp, power, steps, scale_exp)
+    shape = [-1] + [1] * x.dim()
+    guess = mul_public_int(ints, torch.tensor(steps_between, dtype=torch.long).view(shape)).sum(0)
+    guess.encoder = FixedPointEncoder()
+    guess = guess + first / guess.encoder.scale
+    # slopes: o_j x (ring, scale 2^16) for the one-hot buckets j = 0..K
+    share = plain_ring(times._tensor.share)
+    xs = plain_ring(x._tensor.share).unsqueeze(0)
+    one_hot = torch.cat([xs, share]) - torch.cat([share, torch.zeros_like(xs)])
+    for start, stop, slopes, divisor in groups:
         term = guess.clone()
-        term._tensor.share = _like(x._tensor.share, (one_hot[members[0] : members[-1] + 1] * slopes).sum(0))
-        term._tensor.div_(int(slope_scale))
+        slopes = torch.tensor(slopes, dtype=torch.long, device=one_hot.device).view(shape)
+        term._tensor.share = _like(x._tensor.share, (one_hot[start:stop] * slopes).sum(0))
+        term._tensor.div_(divisor)
         guess = guess + term
     return (guess, *more)
 

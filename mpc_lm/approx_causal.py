@@ -65,12 +65,7 @@ def fit_silu(bound: float, degree: int) -> tuple[float, ...]:
     v = 2 * (x / bound) ** 2 - 1
     basis = np.polynomial.chebyshev.chebvander(v, degree)
     target = 0.5 * x * np.tanh(0.5 * x)
-    weights = np.ones_like(x)
-    for _ in range(80):
-        coeffs = approx.weighted_least_squares(basis, target, weights)
-        err = np.abs(basis @ coeffs - target)
-        weights = weights * (1 + err / err.max())
-    return tuple(float(c) for c in coeffs)
+    return tuple(float(c) for c in approx.minimax_fit(basis, target, 80))
 
 
 def silu(x):

@@ -37,21 +37,23 @@ import crypten.communicator as comm  # noqa: E402
 
 
 class MaskedWeight:
-    """A secret weight ``W`` with this party's share of its mask ``B`` and the opened ``W - B``.
+    """A secret weight ``W``: this party's share of its mask ``B`` (plus ``E = W - B`` at party 0) and ``E``.
 
     Used as the right operand of :func:`matmul` (``layers.linear``, embeddings, LM heads).
     ``t()`` is the transpose (a tied LM head reuses the embedding's mask).
     """
 
-    def __init__(self, wid: int, secret, mask_share, opened, transposed: bool = False):
+    def __init__(self, wid: int, secret, d_factor, opened, transposed: bool = False):
         self.wid = wid
         self.secret = secret  # the MPCTensor of W, for anything that is not a product
-        self.mask_share = mask_share  # this party's share of B (ring elements)
-        self.opened = opened  # W - B (ring elements, public to the computing parties)
+        # what d = x - a multiplies in this party's share of x W: its share of B, plus E = W - B at party 0
+        # (ring elements; formed once per model, not per product)
+        self.d_factor = d_factor
+        self.opened = opened  # E = W - B (ring elements, public to the computing parties)
         self.transposed = transposed
 
     def t(self) -> "MaskedWeight":
-        return MaskedWeight(self.wid, self.secret.t(), self.mask_share.t(), self.opened.t(), not self.transposed)
+        return MaskedWeight(self.wid, self.secret.t(), self.d_factor.t(), self.opened.t(), not self.transposed)
 
     def size(self, dim=None):
         return self.secret.size() if dim is None else self.secret.size(dim)
@@ -66,7 +68,7 @@ class MaskedWeight:
         def empty(t):
             return torch.empty(tuple(t.size()), dtype=torch.long, device="meta")
 
-        return MaskedWeight(self.wid, offline._meta(self.secret), empty(self.mask_share), empty(self.opened),
+        return MaskedWeight(self.wid, offline._meta(self.secret), empty(self.d_factor), empty(self.opened),
                             self.transposed)
 
 
@@ -103,8 +105,9 @@ def mask_weights(params: dict, names: list[str]) -> tuple[dict, dict]:
     opened = comm.get().all_reduce(masked, batched=True)
     out = dict(params)
     first = provider.next_weight_id - len(names)
+    party0 = comm.get().get_rank() == 0
     for i, (n, b, e) in enumerate(zip(names, shares, opened)):
-        out[n] = MaskedWeight(first + i, params[n], b, e)
+        out[n] = MaskedWeight(first + i, params[n], b + e if party0 else b, e)
     return out, {"weights": len(names), "elements": int(sum(params[n].numel() for n in names))}
 
 
@@ -113,9 +116,9 @@ def matmul(x, w: MaskedWeight):
     provider = offline.install()
     a, c = provider.masked_triple(tuple(x.size()), w, device=x.device)
     d = comm.get().all_reduce(x._tensor.share - a.share)  # x - a: the only opening
-    # x W = c + d B + a E (+ d E on party 0, which adds it to its d B: two products per party)
+    # x W = c + d B + a E (+ d E on party 0, whose d_factor holds its share of B plus E: two products per party)
     z = c.share
-    z += torch.matmul(d, w.mask_share + w.opened if comm.get().get_rank() == 0 else w.mask_share)
+    z += torch.matmul(d, w.d_factor)
     z += torch.matmul(a.share, w.opened)
     return finish_product(x, w.encoder, z)
 
