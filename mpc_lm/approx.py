@@ -1147,6 +1147,16 @@ def _buckets(x, lo_exp: int, hi_exp: int, power: float, steps: int):
     return [2.0 ** (k / steps) for k in ks], values[0], deltas
 
 
+def _guess_compare(x, lo_exp: int, hi_exp: int, steps: int, coarse: bool):
+    """The comparison protocol of a first guess whose bits are converted in a product (the constant guess of
+    :func:`_guess_and_product`, the lines of :func:`_linear_guess`): [x < t] for every threshold
+    t = 2^(k/steps) over [2^lo_exp, 2^hi_exp] from one opening on wide tables, the lanes as
+    :func:`_bucket_lanes` allows (64-bit lanes beyond the packed range); None without a packed circuit."""
+    coarse, packed_ok = _bucket_lanes(lo_exp, hi_exp, coarse)
+    thresholds = [2.0 ** (k / steps) for k in range(lo_exp * steps + 1, hi_exp * steps + 1)]
+    return _ge_protocol(x, thresholds, coarse and packed_ok, lanes=None if packed_ok else (64, 0), form="wide")
+
+
 def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse: bool = False, extra=()):
     """(y, x y) for the bucket guess y of x^power (as :func:`_bucket_guess` makes it), the
     bits' conversion and the product x y in ONE round: ``bit_mul_b2a`` of the bits with x (each bit
@@ -1158,10 +1168,10 @@ def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, co
     if not _dealt_available("bit_triple"):
         return None
     thresholds, first, deltas = _buckets(x, lo_exp, hi_exp, power, steps)
-    coarse, packed_ok = _bucket_lanes(lo_exp, hi_exp, coarse)  # as ge_bits under tables
-    bits = ge_binary(x, thresholds, coarse and packed_ok, lanes=None if packed_ok else (64, 0), form="wide")
-    if bits is None:
+    compare = _guess_compare(x, lo_exp, hi_exp, steps, coarse)
+    if compare is None:
         return None
+    bits = lockstep(compare)[0] ^ 1
     stacked = x.unsqueeze(0).expand(len(thresholds), *x.size())
     (ints, times), *more = merged_round([("bit_mul_b2a", bits, stacked), *extra])
     encoder = FixedPointEncoder()
@@ -1229,10 +1239,7 @@ def _linear_guess_protocol(x, lo_exp: int, hi_exp: int, power: float, steps: int
     apply. The comparison's dealt key is asked for here, when the protocol is made."""
     if not linear_guess_available(power, hi_exp, scale_exp):
         return None
-    ks = list(range(lo_exp * steps + 1, hi_exp * steps + 1))
-    coarse, packed_ok = _bucket_lanes(lo_exp, hi_exp, coarse)  # as ge_bits under tables
-    compare = _ge_protocol(x, [2.0 ** (k / steps) for k in ks], coarse and packed_ok,
-                           lanes=None if packed_ok else (64, 0), form="wide")
+    compare = _guess_compare(x, lo_exp, hi_exp, steps, coarse)
     if compare is None:
         return None
     return _linear_guess_rounds(x, compare, lo_exp, hi_exp, power, steps, scale_exp, extra)
