@@ -329,6 +329,16 @@ def merged_round(requests):
     * ``("bit_mul_b2a", b, v)``: ``bit_mul``'s b * v and, from the same opening and bit triple, b itself
       as 0/1 arithmetic shares of scale 1 (CrypTen's B2A: b = z + (1 - 2 z) r), as one result: the pair
       (b, b v) of MPCTensors shaped like v.
+    * ``("select_fma", bits, values)``: m (L + U W) + h X for single-bit XOR shares ``bits`` (2, *s) = (m, h)
+      and the MPCTensor ``values`` (4, *s) = (L, U, W, X) (two parties): z = bits xor r (packed bits) and
+      d = values - a are opened together; with the dealt r_m, r_h, a_U a_W, r_m (a_U a_W + 2^16 a_L),
+      r_m a_U, r_m a_W, r_h a_X (:func:`select_fma_correlations`) each party forms its shares of
+      S = U W + 2^16 L (L lifted to the product's scale) and of r_m S, m S = z_m S + (1 - 2 z_m) r_m S
+      truncated once (an exact 0 where m = 0), and h X as ``bit_mul`` does. A piecewise function's
+      selection folded into its polynomial's last product (:func:`gelu`);
+    * ``("wmatmul", x, W)``: x @ W for a :class:`mpc_lm.premask.MaskedWeight` W (its mask opened once per
+      model): the dealer's a and c = a @ B, only d = x - a opened (:func:`mpc_lm.premask.matmul` in a merged
+      round); a W that is a plain MPCTensor takes ``matmul``'s Beaver triple instead.
 
     Returns the results in order (MPCTensor, BinarySharedTensor, plain tensor, MPCTensor).
     """
@@ -337,9 +347,15 @@ def merged_round(requests):
     first = c.get_rank() == 0
     dealt, masked = [], []
     for kind, x, y in requests:
+        if kind == "wmatmul" and not hasattr(y, "d_factor"):
+            kind = "matmul"
         if kind == "sum":
             dealt.append(None)
             masked.append(x)
+        elif kind == "wmatmul":
+            a, cc = provider.masked_triple(tuple(x.size()), y, device=x.device)
+            dealt.append((a, cc))
+            masked.append(plain_ring(x._tensor.share) - plain_ring(a.share))
         elif kind == "products":
             a, cc = _dealt(provider, "product_triples", _tfp_product_triples, x[0].size(), len(x), y,
                            device=x[0].device)
@@ -373,6 +389,13 @@ def merged_round(requests):
             r_bin, a, tail = _dealt(provider, "bit_square", _tfp_bit_square, x.size(), device=y.device)
             dealt.append((a, tail))
             masked += [_masked_bits(x, r_bin), plain_ring(y._tensor.share) - plain_ring(a.share)]
+        elif kind == "select_fma":
+            if y.size(0) != 4:
+                raise ValueError(f"select_fma needs the values (L, U, W, X) stacked (4, *s), not {tuple(y.size())}")
+            _bits_beside(kind, x, y, c, (2, *y.size()[1:]))
+            r_bin, a, tail = _dealt(provider, "select_fma", _tfp_select_fma, y.size()[1:], device=y.device)
+            dealt.append((a, tail))
+            masked += [_masked_bits(x, r_bin), plain_ring(y._tensor.share) - plain_ring(a.share)]
         elif kind == "select4":
             if y.size(0) != 4:
                 raise ValueError(f"select4 needs the values of groups of four (4, *g), not {tuple(y.size())}")
@@ -389,9 +412,18 @@ def merged_round(requests):
         offset += m.numel()
     out, k = [], 0  # k: the request's first masked tensor
     for (kind, x, y), rnd in zip(requests, dealt):
+        if kind == "wmatmul" and not hasattr(y, "d_factor"):
+            kind = "matmul"
         if kind == "sum":
             out.append(opened[k])
             k += 1
+        elif kind == "wmatmul":  # x W = c + d B + a E (+ d E at party 0: its d_factor is its share of B plus E)
+            (a, cc), d = rnd, opened[k]
+            k += 1
+            share = x._tensor.share
+            z = (plain_ring(cc.share) + _ring_matmul(share, d, plain_ring(y.d_factor))
+                 + _ring_matmul(share, plain_ring(a.share), plain_ring(y.opened)))
+            out.append(finish_product(x, y.encoder, z))
         elif kind == "products":  # v_i v_j = c + e_i a_j + a_i e_j + e_i e_j
             (a, cc), e = rnd, opened[k]
             k += 1
@@ -452,6 +484,15 @@ def merged_round(requests):
             if first:
                 z = z + _ring_matmul(share, eps, dlt)
             out.append(finish_product(x, y._tensor.encoder, z))
+        elif kind == "select_fma":
+            zbits = _opened_bits(masked[k], opened[k], x)
+            d = opened[k + 1]
+            k += 2
+            a, tail = rnd
+            result = y[0].clone()
+            result._tensor.share = _like(y._tensor.share, _select_fma_combine(zbits, d, plain_ring(a.share),
+                                                                              plain_ring(tail), first))
+            out.append(result)
         elif kind == "select4":
             zbits = _opened_bits(masked[k], opened[k], x)
             d = opened[k + 1]
@@ -618,6 +659,42 @@ def _select4_combine(z: torch.Tensor, d: torch.Tensor, a: torch.Tensor, tail: to
 
 def _tfp_select4(size, device):
     return _tfp_deal((6, *size), (4, *size), select4_correlations, device)
+
+
+def select_fma_correlations(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The dealer's plain values for ``select_fma``: r (2, *s) the bits' masks (r_m, r_h), a (4, *s) the masks of
+    (L, U, W, X); returns (7, *s): r_m, r_h, a_U a_W, r_m (a_U a_W + 2^16 a_L), r_m a_U, r_m a_W, r_h a_X. L is
+    lifted to the product's scale (2^16 L at 16 fractional bits), so r_m's products with a_L and with a_U a_W
+    are dealt as one value."""
+    rm, rh = r[0], r[1]
+    a_l, a_u, a_w, a_x = a.unbind(0)
+    uw = a_u * a_w
+    return torch.stack([rm, rh, uw, rm * (uw + a_l * FixedPointEncoder().scale), rm * a_u, rm * a_w, rh * a_x])
+
+
+def _select_fma_combine(z: torch.Tensor, d: torch.Tensor, a: torch.Tensor, tail: torch.Tensor, first: bool):
+    """This party's share of m (L + U W) + h X (``select_fma``) from the opened z (2, *s) and d (4, *s), its shares
+    of the masks a (4, *s) and of :func:`select_fma_correlations`' values ``tail`` (7, *s)."""
+    zm, zh = z[0], z[1]
+    d_l, d_u, d_w, d_x = d.unbind(0)
+    a_l, a_u, a_w, a_x = a.unbind(0)
+    rm, rh, uw, rm_s, rm_u, rm_w, rh_x = tail.unbind(0)
+    # S = U W + 2^16 L and r_m S at the product's scale (2^32): U = d_U + a_U, W = d_W + a_W, L = d_L + a_L
+    lift = FixedPointEncoder().scale  # L's lift to the product's scale
+    s = uw + d_u * a_w + a_u * d_w + a_l * lift
+    r_s = rm_s + d_u * rm_w + d_w * rm_u + (d_u * d_w + d_l * lift) * rm
+    if first:
+        s = s + d_u * d_w + d_l * lift
+    m_s = zm * s + (1 - 2 * zm) * r_s
+    m_s = m_s.div(lift, rounding_mode="trunc")  # truncated once, as CrypTen's 2-party mul
+    # h X as bit_mul: b v = z v + (1 - 2 z)(r v), r v = r a + r d
+    xv = d_x + a_x if first else a_x
+    h_x = zh * xv + (1 - 2 * zh) * (rh_x + rh * d_x)
+    return m_s + h_x
+
+
+def _tfp_select_fma(size, device):
+    return _tfp_deal((2, *size), (4, *size), select_fma_correlations, device)
 
 
 def finish_product(x, y_encoder, z):
@@ -848,14 +925,18 @@ def gelu(x):
 
     Inside: x/2 + P(v), P a degree-8 Chebyshev series in v = 2(x/4)^2 - 1
     (fit error 3.5e-5); outside, |GELU(x) - piece| <= 1.3e-4 (at |x| = 4).
-    Cost: with packed comparisons (two parties), the comparison (under ``tables`` 3 rounds on deep
-    tables; the lanes16 adder 5) and the polynomial (4 rounds) run side by side (:func:`lockstep`),
-    then one round selects and converts the bits (:func:`bits_times`): 5 rounds (6 with the adder).
-    Otherwise C + 5.
+    Cost under ``tables`` with a dealer of ``select_fma`` (two parties): the comparison on deep tables
+    (3 rounds) beside the basis to T_4 (3 rounds: x^2, T_2, T_3 and T_4), then ONE round that makes the top
+    half's product and the selection together: with m = [-4 <= x < 4] and h = [x >= 4],
+    GELU = m (x/2 + low + T_4 top) + h x (``select_fma``): 4 rounds. Otherwise the comparison beside the
+    whole polynomial (4 rounds), then one round that selects and converts the bits (:func:`bits_times`):
+    5 rounds (6 with the lanes16 adder); without a packed comparison C + 5.
     Max error 1.7e-4 + fixed point (and a flip just above -4 or 4 with truncated lanes).
     """
-    # [x < -4], [x < 4]; deep tables: 3 rounds, still inside the polynomial's 4
+    # [x < -4], [x < 4]; deep tables: 3 rounds, within the polynomial's
     protocol = _ge_protocol(x, [-GELU_BOUND, GELU_BOUND], coarse=True, form="deep")
+    if protocol is not None and _dealt_available("select_fma"):
+        return lockstep(_gelu_folded(x, protocol))[0]
     if protocol is not None:  # lo inside + hi (x - inside)
         below, inside = lockstep(protocol, _gelu_inside(x))
         bits = below ^ 1
@@ -868,13 +949,38 @@ def gelu(x):
     return a + b
 
 
+def _gelu_basis(x):
+    """GELU's v = 2 (x/4)^2 - 1 and its Chebyshev basis to T_4, as a :func:`lockstep` protocol (3 rounds)."""
+    (square,) = yield [("mul", x, x)]
+    v = square * (2 / GELU_BOUND**2) - 1
+    T = yield from _chebyshev_protocol(v, (GELU_DEGREE + 1) // 2)
+    return v, T
+
+
+def _gelu_folded(x, compare):
+    """:func:`gelu` with its selection folded into the top half's product (a :func:`lockstep` protocol,
+    4 rounds): [x < -4] and [x < 4] beside the basis, then m (L + T_4 top) + h x in one opening."""
+    below, (v, T) = yield from together(compare, _gelu_basis(x))
+    low, factor, top = _chebyshev_halves(T, v, fit_even_odd("gelu", GELU_BOUND, GELU_DEGREE))
+    from crypten.mpc.primitives import BinarySharedTensor
+
+    bits = below ^ 1  # [x >= -4], [x >= 4]: one opening, so [x >= 4] implies [x >= -4]
+    bits = BinarySharedTensor.stack([bits[0] ^ bits[1], bits[1]])  # m = [-4 <= x < 4], h
+    (out,) = yield [("select_fma", bits, crypten.stack([x * 0.5 + low, factor, top, x]))]
+    return out
+
+
 def tanh(x):
     """tanh(x): sign(x) beyond 4.5, odd degree-21 polynomial inside.
 
-    Fit error 4.3e-4; tail error 2.5e-4. Cost: with packed comparisons, the comparison and the
-    polynomial side by side (5 rounds) + 1 selecting round: 6. Otherwise C + 5.
+    Fit error 4.3e-4; tail error 2.5e-4. Cost under ``tables`` with a dealer of ``select_fma``: the
+    comparison beside the basis to T_11 (4 rounds), then the top half's product and the selection in one
+    opening, m (P + 1) + 2 h - 1 (:func:`gelu`'s fold): 5. With other packed comparisons, the comparison and
+    the polynomial side by side (5 rounds) + 1 selecting round: 6. Otherwise C + 5.
     """
-    protocol = _ge_protocol(x, [-TANH_BOUND, TANH_BOUND], coarse=True, form="deep")  # 3 rounds beside 5
+    protocol = _ge_protocol(x, [-TANH_BOUND, TANH_BOUND], coarse=True, form="deep")  # 3 rounds beside 4 or 5
+    if protocol is not None and _dealt_available("select_fma"):
+        return lockstep(_tanh_folded(x, protocol))[0]
     if protocol is not None:  # lo (inside + 1) + hi (1 - inside) - 1
         below, inside = lockstep(protocol, _tanh_inside(x))
         bits = below ^ 1
@@ -886,6 +992,21 @@ def tanh(x):
     # outside: +1 where x >= 4.5 (hi), -1 where x < -4.5 (1 - lo)
     (a,) = mul_many([(middle, inside)])
     return a + hi - (1 - lo)
+
+
+def _tanh_folded(x, compare):
+    """:func:`tanh` with its selection folded into the top half's product (a :func:`lockstep` protocol, 5 rounds):
+    with m = [-4.5 <= x < 4.5] and h = [x >= 4.5], tanh = m (P + 1) + 2 h - 1."""
+    from crypten.mpc.primitives import BinarySharedTensor
+
+    u = x * (1 / TANH_BOUND)
+    coeffs = _odd_series("tanh", TANH_BOUND, TANH_DEGREE)
+    below, T = yield from together(compare, _chebyshev_protocol(u, len(coeffs) // 2))
+    low, factor, top = _chebyshev_halves(T, u, coeffs)
+    bits = below ^ 1
+    bits = BinarySharedTensor.stack([bits[0] ^ bits[1], bits[1]])
+    (out,) = yield [("select_fma", bits, crypten.stack([low + 1, factor, top, x * 0 + 2.0]))]
+    return out - 1
 
 
 def relu(x):
@@ -1324,6 +1445,41 @@ def normalized_mean(centered, gamma, eps: float, keep, lo_exp: int, hi_exp: int,
         (g,), total = yield from together(count, pooled_sum())
         (mean,) = yield [("mul", total, g)]
         return mean
+
+    return lockstep(protocol())[0]
+
+
+def normalized_linear(centered, gamma, beta, weight, eps: float, lo_exp: int, hi_exp: int, steps: int, rows=None):
+    """(y, z): a LayerNorm's output before beta, y = centered gamma / sqrt(var + eps), and the next linear layer's
+    product with its input ``y + beta`` before the bias, z = (y + beta) @ W, in 5 rounds instead of LayerNorm's 5 and
+    the product's 1; None where :func:`_linear_guess` does not apply. ``rows`` (optional): a function picking the
+    rows the linear layer reads (a classifier's first token), applied to ``centered gamma`` and the guess.
+
+    The guess g = 1/sqrt(var + eps) is one number per row, so (centered gamma g) @ W = ((centered gamma) @ W) g: the
+    product P = (centered gamma) @ W (and beta @ W) travels in the round that opens the variances' comparison, and
+    the last round gives y = (centered gamma) g and z = P g together. P is the linear layer's output times the
+    row's standard deviation, so its truncation sees sqrt(var) times larger values, and P g carries P's
+    rounding times g (docs/performance.md, lever 12).
+    """
+    if not linear_guess_available(-0.5, hi_exp):
+        return None
+
+    def protocol():
+        squares, scaled = yield [("mul", centered, centered), ("mul", centered, gamma)]
+        var = squares.mean(dim=-1, keepdim=True) + eps
+        guess = _linear_guess_protocol(var, lo_exp, hi_exp, -0.5, steps)
+        if guess is None:  # linear_guess_available said it applies
+            raise RuntimeError("the LayerNorm's linear guess is not available after all")
+        picked = scaled if rows is None else rows(scaled)
+
+        def product():  # beta as one more row: W is read by one product (opened once where it is not premasked)
+            rows_in = crypten.cat([picked.reshape(-1, picked.size(-1)), beta.reshape(1, -1)])
+            (out,) = yield [("wmatmul", rows_in, weight)]
+            return out[:-1].reshape(*picked.size()[:-1], out.size(-1)), out[-1]
+
+        (g,), (p, bw) = yield from together(guess, product())
+        y, z = yield [("mul", scaled, g), ("mul", p, g if rows is None else rows(g))]
+        return y, z + bw
 
     return lockstep(protocol())[0]
 

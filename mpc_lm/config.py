@@ -128,6 +128,11 @@ class Approximations(_Strict):
         "variance, the softmax's normalisation C + 2; needs comparison: tables, 2 computing parties and a dealer, "
         "and a range whose guesses stay >= 2^-8, else constant); constant = the bucket's middle value, then the "
         "*_iterations Newton steps")
+    fuse_norm_linear: bool = Field(
+        True, description="with first_guess: linear, a LayerNorm and the linear layer that reads it in 5 rounds "
+        "instead of 6: the product with the weight travels beside the variances' comparison and the row's "
+        "1/sqrt(var) is applied to both at the end (encoders: every QKV, FF1 and the classifier's pooler; "
+        "docs/performance.md, lever 12); false: the LayerNorm, then the product")
     comparison: Literal["tables", "lanes16", "packed32", "crypten"] = Field(
         "tables", description="tables: the widths of lanes16, each sign read from comparison tables the dealer "
         "deals (one opening + one AND round for 16-bit lanes, + two for 32-bit; ~20 bytes per element instead of "

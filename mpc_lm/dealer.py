@@ -28,7 +28,7 @@ from crypten.mpc.provider.ttp_provider import TTPServer  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-_FUNCTIONS = {"additive", "square", "binary", "wraps", "B2A", "weight_masks", "masked", "compare", "bit_triple", "bit_square", "select4", "products"}
+_FUNCTIONS = {"additive", "square", "binary", "wraps", "B2A", "weight_masks", "masked", "compare", "bit_triple", "bit_square", "select4", "select_fma", "products"}
 
 
 class Dealer(TTPServer):
@@ -85,6 +85,11 @@ class Dealer(TTPServer):
         """Party 0's shares of approx.select4_correlations(r, a) for random pair bits r (6, *size) and masks
         a (4, *size) (both drawn from every party's seed): a group of four's winner in one opening."""
         return self._deal_bits_and_masks((6, *size), (4, *size), approx.select4_correlations)
+
+    def select_fma(self, size):
+        """Party 0's shares of approx.select_fma_correlations(r, a) for random bits r (2, *size) and masks
+        a (4, *size) (both drawn from every party's seed): a piece's selection folded into its last product."""
+        return self._deal_bits_and_masks((2, *size), (4, *size), approx.select_fma_correlations)
 
     def compare(self, n, lane_bits, form="narrow"):
         """Party 0's shares of the comparison tables of fresh masks r (mpc_lm/tables.py)."""

@@ -52,6 +52,22 @@ def layer_norm(x, gamma, beta, eps: float, ap: Approximations):
                                   ap.guess_steps_per_octave, ap.first_guess == "linear") + beta
 
 
+def layer_norm_linear(x, gamma, beta, eps: float, weight, bias, ap: Approximations, rows=None):
+    """``(y, linear(rows(y), weight, bias))`` for ``y = layer_norm(x, gamma, beta, eps, ap)`` in 5 rounds instead of
+    5 + 1 where the linear first guess applies and ``ap.fuse_norm_linear`` (:func:`mpc_lm.approx.normalized_linear`:
+    the product with the weight travels beside the variances' comparison, the row's scale is applied to both
+    at the end); otherwise the two layers. ``rows`` (optional) picks the rows the linear layer reads."""
+    if ap.mode != "crypten" and ap.first_guess == "linear" and ap.fuse_norm_linear:
+        centered = x - x.mean(dim=-1, keepdim=True)
+        fused = approx.normalized_linear(centered, gamma, beta, weight, eps, VAR_LO_EXP, VAR_HI_EXP,
+                                         ap.guess_steps_per_octave, rows)
+        if fused is not None:
+            y, z = fused
+            return y + beta, z if bias is None else z + bias
+    y = layer_norm(x, gamma, beta, eps, ap)
+    return y, linear(y if rows is None else rows(y), weight, bias)
+
+
 def layer_norm_mean_pool(x, gamma, beta, mask, eps: float, ap: Approximations):
     """``mean_pool(layer_norm(x, gamma, beta, eps, ap), mask, ap)`` in 6 rounds instead of 5 + 4 where the linear
     first guess applies (:func:`mpc_lm.approx.normalized_mean`: the count's guess beside the LayerNorm, the mask
@@ -90,14 +106,15 @@ def merge_heads(x):
     return x.permute(0, 2, 1, 3).reshape(b, t, n * d)
 
 
-def self_attention(x, key_mask, p: dict, prefix: str, heads: int, ap: Approximations):
+def self_attention(x, key_mask, p: dict, prefix: str, heads: int, ap: Approximations, qkv=None):
     """Multi-head self-attention with a secret padding mask.
 
-    ``key_mask`` is (B, 1, 1, T), 1 for real tokens. Cost: 1 round (fused QKV)
-    + 1 (scores) + masked_softmax_matmul (the softmax and the context: masked_softmax's rounds
-    under ``tables``, + 1 otherwise) + 1 (output projection).
+    ``key_mask`` is (B, 1, 1, T), 1 for real tokens. Cost: 1 round (fused QKV; none when ``qkv``, the
+    projection of ``x``, is given: :func:`layer_norm_linear`) + 1 (scores) + masked_softmax_matmul (the
+    softmax and the context: masked_softmax's rounds under ``tables``, + 1 otherwise) + 1 (output projection).
     """
-    qkv = linear(x, p[f"{prefix}.qkv.weight"], p[f"{prefix}.qkv.bias"])
+    if qkv is None:
+        qkv = linear(x, p[f"{prefix}.qkv.weight"], p[f"{prefix}.qkv.bias"])
     hidden = x.size(-1)
     q, k, v = (split_heads(qkv[..., i * hidden : (i + 1) * hidden], heads) for i in range(3))
     scores = q.matmul(k.transpose(-1, -2))  # 1/sqrt(d) already folded into W_q

@@ -216,6 +216,13 @@ class PlannedDealer(TrustedThirdParty):
         from its dealer seed; the dealer deals party 0's shares of the tail."""
         return self._bits_and_masks("select4", (6, *size), (4, *size), 50, device, size)
 
+    def select_fma(self, size, device=None):
+        """(r_bin, a, tail): random bits r (2, *size) for a piece's two selection bits, masks a (4, *size) of
+        (L, U, W, X), and the arithmetic shares of approx.select_fma_correlations(r, a) (7, *size), for
+        m (L + U W) + h X in one opening (approx.merged_round's ``select_fma``). Every party draws r_bin and a
+        from its dealer seed; the dealer deals party 0's shares of the tail."""
+        return self._bits_and_masks("select_fma", (2, *size), (4, *size), 7, device, size)
+
     def B2A_rng(self, size, device=None):
         if self.mode == "pass":
             return super().B2A_rng(size, device)

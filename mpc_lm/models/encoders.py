@@ -185,40 +185,58 @@ def check_shapes(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ..
 # ------------------------------------------------------------------ secure forward
 
 
-def encode(p: dict, one_hot, mask, arch: EncoderArch, ap: Approximations, pool: bool = False):
+def encode(p: dict, one_hot, mask, arch: EncoderArch, ap: Approximations, pool: bool = False, then=None):
     """Hidden states (B, T, H) of secret token ids (one-hot) and a secret 0/1 mask (B, T); with ``pool``, their
     mean over the real tokens (B, H), the last LayerNorm and the pooling as one protocol
-    (:func:`mpc_lm.layers.layer_norm_mean_pool`)."""
+    (:func:`mpc_lm.layers.layer_norm_mean_pool`); with ``then`` (a weight name), the hidden states and the
+    first token's product with that linear layer, the last LayerNorm fused with it.
+
+    Each LayerNorm that a linear layer reads (the next layer's fused QKV, FF1) is fused with it
+    (:func:`mpc_lm.layers.layer_norm_linear`: one round fewer each where it applies).
+    """
     seq = one_hot.size(1)
     x = layers.embed_tokens(one_hot, p["emb.word"])
     x = x + p["emb.pos"][arch.position_offset : arch.position_offset + seq]
     if "emb.type" in p:
         x = x + p["emb.type"][0]  # single-segment input: token type 0 (public)
-    x = layers.layer_norm(x, p["emb.ln.weight"], p["emb.ln.bias"], arch.eps, ap)
+    x, qkv = layers.layer_norm_linear(x, p["emb.ln.weight"], p["emb.ln.bias"], arch.eps,
+                                      p["l0.attn.qkv.weight"], p["l0.attn.qkv.bias"], ap)
     key_mask = mask.unsqueeze(1).unsqueeze(1)
     for n in range(arch.layers):
-        attn = layers.self_attention(x, key_mask, p, f"l{n}.attn", arch.heads, ap)
-        x = layers.layer_norm(x + attn, p[f"l{n}.ln1.weight"], p[f"l{n}.ln1.bias"], arch.eps, ap)
-        h = layers.activation(layers.linear(x, p[f"l{n}.ff1.weight"], p[f"l{n}.ff1.bias"]), arch.act, ap)
-        h = layers.linear(h, p[f"l{n}.ff2.weight"], p[f"l{n}.ff2.bias"])
-        if pool and n == arch.layers - 1:
-            return layers.layer_norm_mean_pool(x + h, p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"], mask, arch.eps, ap)
-        x = layers.layer_norm(x + h, p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"], arch.eps, ap)
+        attn = layers.self_attention(x, key_mask, p, f"l{n}.attn", arch.heads, ap, qkv=qkv)
+        x, h = layers.layer_norm_linear(x + attn, p[f"l{n}.ln1.weight"], p[f"l{n}.ln1.bias"], arch.eps,
+                                        p[f"l{n}.ff1.weight"], p[f"l{n}.ff1.bias"], ap)
+        h = layers.linear(layers.activation(h, arch.act, ap), p[f"l{n}.ff2.weight"], p[f"l{n}.ff2.bias"])
+        ln = (x + h, p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"])
+        if n < arch.layers - 1:
+            x, qkv = layers.layer_norm_linear(*ln, arch.eps, p[f"l{n + 1}.attn.qkv.weight"],
+                                              p[f"l{n + 1}.attn.qkv.bias"], ap)
+        elif pool:
+            return layers.layer_norm_mean_pool(*ln, mask, arch.eps, ap)
+        elif then is not None:
+            return layers.layer_norm_linear(*ln, arch.eps, p[f"{then}.weight"], p[f"{then}.bias"], ap,
+                                            rows=lambda t: t[:, 0])
+        else:
+            x = layers.layer_norm(*ln, arch.eps, ap)
     return layers.mean_pool(x, mask, ap) if pool else x
 
 
-def head(p: dict, hidden, mask, arch: EncoderArch, ap: Approximations):
+def head(p: dict, hidden, mask, arch: EncoderArch, ap: Approximations, pre=None):
     """Logits (B, num_labels), or pooled embeddings (B, H) when the model has no head. For ``embedding``
-    models ``hidden`` is already pooled (:func:`encode` with ``pool``)."""
+    models ``hidden`` is already pooled (:func:`encode` with ``pool``); ``pre``: the classifier's first
+    product, already made (:func:`encode` with ``then``)."""
     if arch.task == "embedding":
         if not arch.num_labels:
             return hidden
         return layers.linear(hidden, p["head.out.weight"], p["head.out.bias"])
-    cls = hidden[:, 0]
-    pre = layers.linear(cls, p["head.pre.weight"], p["head.pre.bias"])
+    if pre is None:
+        pre = layers.linear(hidden[:, 0], p["head.pre.weight"], p["head.pre.bias"])
     pre = layers.activation(pre, "relu", ap) if arch.family == "distilbert" else layers.tanh(pre, ap)
     return layers.linear(pre, p["head.out.weight"], p["head.out.bias"])
 
 
 def forward(p: dict, one_hot, mask, arch: EncoderArch, ap: Approximations):
-    return head(p, encode(p, one_hot, mask, arch, ap, pool=arch.task == "embedding"), mask, arch, ap)
+    if arch.task == "embedding":
+        return head(p, encode(p, one_hot, mask, arch, ap, pool=True), mask, arch, ap)
+    hidden, pre = encode(p, one_hot, mask, arch, ap, then="head.pre")
+    return head(p, hidden, mask, arch, ap, pre=pre)
