@@ -47,6 +47,7 @@ def _readers(model) -> dict:
     return out
 
 
+@torch.no_grad()
 def measure(texts: list[str], seq_len: int) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
@@ -56,8 +57,7 @@ def measure(texts: list[str], seq_len: int) -> dict:
     readers, seen = _readers(model), {}
     for name, (ln, _) in readers.items():
         ln.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, inp[0]))
-    with torch.no_grad():
-        model(**batch)
+    model(**batch)
     real = batch["attention_mask"].bool()
     rows, fused_sum, plain_sum = {}, 0.0, 0.0
     for name, (ln, weight) in readers.items():

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from . import offline, tables
+from . import offline, ring, tables
 from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
@@ -544,7 +544,7 @@ def _ring_matmul(template, a, b):
     """a @ b of plain ring tensors, multiplied as CrypTen multiplies shares like ``template`` (on the GPU as
     CUDALongTensor, whose products split the 64-bit entries into exact floating-point blocks)."""
     if torch.is_tensor(template):
-        return torch.matmul(a, b)
+        return ring.matmul(a, b)
     return plain_ring(torch.matmul(_like(template, a), _like(template, b)))
 
 

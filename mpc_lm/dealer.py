@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from . import approx, offline
+from . import approx, offline, ring
 from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
@@ -52,7 +52,7 @@ class Dealer(TTPServer):
             raise RuntimeError(f"dealer asked for weight mask {wid} but holds {len(self.masks)}")
         a = self._get_additive_PRSS(torch.Size(size_x))
         b = self.masks[wid].t() if transposed else self.masks[wid]
-        c = torch.matmul(a, b)
+        c = ring.matmul(a, b)
         return c - self._get_additive_PRSS(c.size(), remove_rank=True)
 
     def _deal(self, values):

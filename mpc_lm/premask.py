@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from . import offline
+from . import offline, ring
 from ._compat import import_crypten
 from .approx import finish_product
 
@@ -118,8 +118,8 @@ def matmul(x, w: MaskedWeight):
     d = comm.get().all_reduce(x._tensor.share - a.share)  # x - a: the only opening
     # x W = c + d B + a E (+ d E on party 0, whose d_factor holds its share of B plus E: two products per party)
     z = c.share
-    z += torch.matmul(d, w.d_factor)
-    z += torch.matmul(a.share, w.opened)
+    z += ring.matmul(d, w.d_factor)
+    z += ring.matmul(a.share, w.opened)
     return finish_product(x, w.encoder, z)
 
 

@@ -140,6 +140,12 @@ def _configure_crypten(cfg: ConsortiumConfig) -> None:
     check_security(cfg)  # defence in depth: never run TFP without the named mode
     crypten.cfg.mpc.provider = cfg.security.provider.upper()
     crypten.cfg.encoder.precision_bits = cfg.approx.precision_bits
+    from . import ring  # exact ring products on float64 BLAS (CPU); the stock baseline keeps CrypTen's own
+
+    if cfg.approx.mode == "crypten":
+        ring.uninstall()
+    else:
+        ring.install()
     from . import approx  # comparison circuit for this process (docs/performance.md)
 
     approx.COMPARISON["method"] = "crypten" if cfg.approx.mode == "crypten" else cfg.approx.comparison

@@ -1,0 +1,58 @@
+"""mpc_lm.ring: exact 64-bit ring products on float64 BLAS, bit-identical to int64 torch.matmul."""
+
+import pytest
+import torch
+
+from mpc_lm import ring
+from mpc_lm._compat import import_crypten
+
+import_crypten()
+
+LO, HI = -(2**63), 2**63 - 1
+
+
+def _ring(*size, gen):
+    return torch.randint(LO, HI, size, dtype=torch.int64, generator=gen)
+
+
+@pytest.mark.parametrize("a_size,b_size", [
+    ((5, 7), (7, 3)),                 # plain
+    ((2, 3, 16, 8), (2, 3, 8, 16)),   # attention scores: batched heads
+    ((2, 16, 48), (48, 80)),          # a linear layer on (B, T, H)
+    ((48,), (48, 80)),                # a vector
+    ((2, 4, 30522), (30522, 8)),      # a one-hot embedding over a BERT vocabulary
+])
+def test_limb_product_is_bit_identical(a_size, b_size):
+    gen = torch.Generator().manual_seed(sum(a_size) + sum(b_size))
+    a, b = _ring(*a_size, gen=gen), _ring(*b_size, gen=gen)
+    a.view(-1)[:2] = torch.tensor([LO, HI])  # the ring's extremes
+    b.view(-1)[:2] = torch.tensor([HI, LO])
+    assert torch.equal(ring.matmul(a, b), torch.matmul(a, b))
+
+
+def test_other_tensors_use_torch():
+    x, w = torch.randn(3, 4), torch.randn(4, 2)
+    assert torch.equal(ring.matmul(x, w), torch.matmul(x, w))
+    wide = torch.ones(1, ring.MAX_INNER, dtype=torch.int64)
+    assert int(ring.matmul(wide, wide.t())) == ring.MAX_INNER  # past the exact range: int64 torch.matmul
+
+
+def test_install_routes_crypten_products_and_uninstall_restores():
+    from crypten.mpc.primitives import beaver
+    from crypten.mpc.provider import ttp_provider
+
+    ring.install()
+    try:
+        for module in (beaver, ttp_provider):
+            assert module.torch.matmul is ring.matmul
+            assert module.torch.zeros is torch.zeros and module.torch.any is torch.any
+    finally:
+        ring.uninstall()
+    assert beaver.torch is torch and ttp_provider.torch is torch
+
+
+def test_column_blocks_bound_the_limb_copies(monkeypatch):
+    monkeypatch.setattr(ring, "CHUNK_ELEMENTS", 64)
+    gen = torch.Generator().manual_seed(5)
+    a, b = _ring(3, 2, 16, gen=gen), _ring(16, 37, gen=gen)  # 16 x 37 > 64: columns in blocks of 4
+    assert torch.equal(ring.matmul(a, b), torch.matmul(a, b))
