@@ -508,7 +508,7 @@ def test_layer_norm_fused_with_the_next_linear_layer():
             # the two layers: 5 + 1
             assert rounds == (5 if key.endswith("fused") else 6), out
             # the sigma = 0.05 rows dominate both (20 x the rounding of centered * gamma; z: P's rounding times
-            # 1/sigma too); measured 0.007-0.011 for y and 0.002-0.007 for z, fused or not
+            # 1/sigma too); measured 0.007-0.011 for y and 0.005-0.013 for z, fused or not
             assert y_err < 2e-2 and z_err < 2e-2, out
 
 
