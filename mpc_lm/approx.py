@@ -389,18 +389,12 @@ def merged_round(requests):
             r_bin, a, tail = _dealt(provider, "bit_square", _tfp_bit_square, x.size(), device=y.device)
             dealt.append((a, tail))
             masked += [_masked_bits(x, r_bin), plain_ring(y._tensor.share) - plain_ring(a.share)]
-        elif kind == "select_fma":
+        elif kind in _SELECTIONS:
+            bit_rows, tfp_draw, _, what = _SELECTIONS[kind]
             if y.size(0) != 4:
-                raise ValueError(f"select_fma needs the values (L, U, W, X) stacked (4, *s), not {tuple(y.size())}")
-            _bits_beside(kind, x, y, c, (2, *y.size()[1:]))
-            r_bin, a, tail = _dealt(provider, "select_fma", _tfp_select_fma, y.size()[1:], device=y.device)
-            dealt.append((a, tail))
-            masked += [_masked_bits(x, r_bin), plain_ring(y._tensor.share) - plain_ring(a.share)]
-        elif kind == "select4":
-            if y.size(0) != 4:
-                raise ValueError(f"select4 needs the values of groups of four (4, *g), not {tuple(y.size())}")
-            _bits_beside(kind, x, y, c, (6, *y.size()[1:]))
-            r_bin, a, tail = _dealt(provider, "select4", _tfp_select4, y.size()[1:], device=y.device)
+                raise ValueError(f"{kind} needs {what} stacked (4, *s), not {tuple(y.size())}")
+            _bits_beside(kind, x, y, c, (bit_rows, *y.size()[1:]))
+            r_bin, a, tail = _dealt(provider, kind, tfp_draw, y.size()[1:], device=y.device)
             dealt.append((a, tail))
             masked += [_masked_bits(x, r_bin), plain_ring(y._tensor.share) - plain_ring(a.share)]
         else:
@@ -484,22 +478,12 @@ def merged_round(requests):
             if first:
                 z = z + _ring_matmul(share, eps, dlt)
             out.append(finish_product(x, y._tensor.encoder, z))
-        elif kind == "select_fma":
-            zbits = _opened_bits(masked[k], opened[k], x)
-            d = opened[k + 1]
+        elif kind in _SELECTIONS:  # bits and values from one opening, combined with the dealt tail
+            zbits, d = _opened_bits(masked[k], opened[k], x), opened[k + 1]
             k += 2
-            a, tail = rnd
+            (a, tail), combine = rnd, _SELECTIONS[kind][2]
             result = y[0].clone()
-            result._tensor.share = _like(y._tensor.share, _select_fma_combine(zbits, d, plain_ring(a.share),
-                                                                              plain_ring(tail), first))
-            out.append(result)
-        elif kind == "select4":
-            zbits = _opened_bits(masked[k], opened[k], x)
-            d = opened[k + 1]
-            k += 2
-            a, tail = rnd
-            z = _select4_combine(zbits, d, plain_ring(a.share), plain_ring(tail), first)
-            result = y[0].clone()
+            z = combine(zbits, d, plain_ring(a.share), plain_ring(tail), first)
             result._tensor.share = _like(y._tensor.share, z)
             out.append(result)
         elif y is x:  # x^2 = r^2 + 2 eps r + eps^2
@@ -695,6 +679,13 @@ def _select_fma_combine(z: torch.Tensor, d: torch.Tensor, a: torch.Tensor, tail:
 
 def _tfp_select_fma(size, device):
     return _tfp_deal((2, *size), (4, *size), select_fma_correlations, device)
+
+
+# merged_round's selections with a dealt tail: kind -> (bit rows, TFP draw, combine, what the values are)
+_SELECTIONS = {
+    "select4": (6, _tfp_select4, _select4_combine, "the values of groups of four"),
+    "select_fma": (2, _tfp_select_fma, _select_fma_combine, "the values (L, U, W, X)"),
+}
 
 
 def finish_product(x, y_encoder, z):
@@ -1409,6 +1400,17 @@ def _linear_guess_rounds(x, compare, lo_exp: int, hi_exp: int, power: float, ste
     return (guess, *more)
 
 
+def _norm_start(centered, gamma, eps: float, lo_exp: int, hi_exp: int, steps: int):
+    """A fused LayerNorm's first round (centered^2 and centered gamma) as part of a :func:`lockstep` protocol;
+    returns (centered gamma, the protocol of the variance's linear guess of 1/sqrt(var + eps), still to run)."""
+    squares, scaled = yield [("mul", centered, centered), ("mul", centered, gamma)]
+    var = squares.mean(dim=-1, keepdim=True) + eps
+    guess = _linear_guess_protocol(var, lo_exp, hi_exp, -0.5, steps)
+    if guess is None:  # the caller checked linear_guess_available
+        raise RuntimeError("the LayerNorm's linear guess is not available after all")
+    return scaled, guess
+
+
 def normalized_mean(centered, gamma, eps: float, keep, lo_exp: int, hi_exp: int, count_hi_exp: int, steps: int):
     """sum_t keep_t centered_t gamma / sqrt(var_t + eps) / sum_t keep_t (a LayerNorm before beta, mean-pooled over
     the kept tokens), or None where :func:`_linear_guess` does not apply. ``centered`` (B, T, H), ``keep`` (B, T).
@@ -1427,11 +1429,7 @@ def normalized_mean(centered, gamma, eps: float, keep, lo_exp: int, hi_exp: int,
         return None
 
     def pooled_sum():
-        squares, scaled = yield [("mul", centered, centered), ("mul", centered, gamma)]
-        var = squares.mean(dim=-1, keepdim=True) + eps
-        guess = _linear_guess_protocol(var, lo_exp, hi_exp, -0.5, steps)
-        if guess is None:  # linear_guess_available said it applies
-            raise RuntimeError("the LayerNorm's linear guess is not available after all")
+        scaled, guess = yield from _norm_start(centered, gamma, eps, lo_exp, hi_exp, steps)
 
         def masked():
             (product,) = yield [("mul", kept, scaled)]
@@ -1465,11 +1463,7 @@ def normalized_linear(centered, gamma, beta, weight, eps: float, lo_exp: int, hi
         return None
 
     def protocol():
-        squares, scaled = yield [("mul", centered, centered), ("mul", centered, gamma)]
-        var = squares.mean(dim=-1, keepdim=True) + eps
-        guess = _linear_guess_protocol(var, lo_exp, hi_exp, -0.5, steps)
-        if guess is None:  # linear_guess_available said it applies
-            raise RuntimeError("the LayerNorm's linear guess is not available after all")
+        scaled, guess = yield from _norm_start(centered, gamma, eps, lo_exp, hi_exp, steps)
         picked = scaled if rows is None else rows(scaled)
 
         def product():  # beta as one more row: W is read by one product (opened once where it is not premasked)
