@@ -337,18 +337,19 @@ def merged_round(requests):
       truncated once (an exact 0 where m = 0), and h X as ``bit_mul`` does. A piecewise function's
       selection folded into its polynomial's last product (:func:`gelu`);
     * ``("wmatmul", x, W)``: x @ W for a :class:`mpc_lm.premask.MaskedWeight` W (its mask opened once per
-      model): the dealer's a and c = a @ B, only d = x - a opened (:func:`mpc_lm.premask.matmul` in a merged
-      round); a W that is a plain MPCTensor takes ``matmul``'s Beaver triple instead.
+      model): the dealer's a and c = a @ B, only d = x - a opened (:func:`mpc_lm.premask.matmul` is this
+      request alone); a W that is a plain MPCTensor takes ``matmul``'s Beaver triple instead.
 
     Returns the results in order (MPCTensor, BinarySharedTensor, plain tensor, MPCTensor).
     """
     provider = crypten.mpc.get_default_provider()
     c = crypten.communicator.get()
     first = c.get_rank() == 0
+    # a weight without an opened mask (preprocessing.weight_masks off) takes a Beaver triple
+    requests = [("matmul" if kind == "wmatmul" and not hasattr(y, "d_factor") else kind, x, y)
+                for kind, x, y in requests]
     dealt, masked = [], []
     for kind, x, y in requests:
-        if kind == "wmatmul" and not hasattr(y, "d_factor"):
-            kind = "matmul"
         if kind == "sum":
             dealt.append(None)
             masked.append(x)
@@ -406,8 +407,6 @@ def merged_round(requests):
         offset += m.numel()
     out, k = [], 0  # k: the request's first masked tensor
     for (kind, x, y), rnd in zip(requests, dealt):
-        if kind == "wmatmul" and not hasattr(y, "d_factor"):
-            kind = "matmul"
         if kind == "sum":
             out.append(opened[k])
             k += 1
@@ -447,8 +446,8 @@ def merged_round(requests):
             r_arith, cc = rnd
             r = plain_ring(r_arith.share)
             result = y.clone()
-            result._tensor.share = _like(y._tensor.share, zbit * plain_ring(y._tensor.share)
-                                         + (1 - 2 * zbit) * (plain_ring(cc.share) + r * dlt))
+            result._tensor.share = _like(y._tensor.share, _bit_times(zbit, plain_ring(y._tensor.share),
+                                                                     plain_ring(cc.share) + r * dlt))
             if kind == "bit_mul":
                 out.append(result)
                 continue
@@ -467,7 +466,7 @@ def merged_round(requests):
             if first:
                 square = square + d * d
             r_square = ra2 + 2 * d * ra + d * d * r
-            z = zbit * square + (1 - 2 * zbit) * r_square
+            z = _bit_times(zbit, square, r_square)
             out.append(finish_product(y, y._tensor.encoder, z))
         elif kind == "matmul":  # x y = c + eps b + a dlt + eps dlt, as matrix products
             (a, b, cc), eps, dlt = rnd, opened[k], opened[k + 1]
@@ -656,6 +655,12 @@ def select_fma_correlations(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.stack([rm, rh, uw, rm * (uw + a_l * FixedPointEncoder().scale), rm * a_u, rm * a_w, rh * a_x])
 
 
+def _bit_times(z, v, rv):
+    """A party's share of b v for a bit b = z xor r opened as z: b = z + (1 - 2 z) r, so b v = z v + (1 - 2 z) r v,
+    from its shares of v and of r v."""
+    return z * v + (1 - 2 * z) * rv
+
+
 def _select_fma_combine(z: torch.Tensor, d: torch.Tensor, a: torch.Tensor, tail: torch.Tensor, first: bool):
     """This party's share of m (L + U W) + h X (``select_fma``) from the opened z (2, *s) and d (4, *s), its shares
     of the masks a (4, *s) and of :func:`select_fma_correlations`' values ``tail`` (7, *s)."""
@@ -669,11 +674,11 @@ def _select_fma_combine(z: torch.Tensor, d: torch.Tensor, a: torch.Tensor, tail:
     r_s = rm_s + d_u * rm_w + d_w * rm_u + (d_u * d_w + d_l * lift) * rm
     if first:
         s = s + d_u * d_w + d_l * lift
-    m_s = zm * s + (1 - 2 * zm) * r_s
+    m_s = _bit_times(zm, s, r_s)
     m_s = m_s.div(lift, rounding_mode="trunc")  # truncated once, as CrypTen's 2-party mul
     # h X as bit_mul: b v = z v + (1 - 2 z)(r v), r v = r a + r d
     xv = d_x + a_x if first else a_x
-    h_x = zh * xv + (1 - 2 * zh) * (rh_x + rh * d_x)
+    h_x = _bit_times(zh, xv, rh_x + rh * d_x)
     return m_s + h_x
 
 
@@ -940,6 +945,15 @@ def gelu(x):
     return a + b
 
 
+def _inside_above(below):
+    """(m, h) = ([lo <= x < hi], [x >= hi]) from ``below`` = ([x < lo], [x < hi]) of one comparison opening
+    (so [x >= hi] implies [x >= lo]): the selection bits of ``select_fma``."""
+    from crypten.mpc.primitives import BinarySharedTensor
+
+    above = below ^ 1
+    return BinarySharedTensor.stack([above[0] ^ above[1], above[1]])
+
+
 def _gelu_basis(x):
     """GELU's v = 2 (x/4)^2 - 1 and its Chebyshev basis to T_4, as a :func:`lockstep` protocol (3 rounds)."""
     (square,) = yield [("mul", x, x)]
@@ -953,11 +967,7 @@ def _gelu_folded(x, compare):
     4 rounds): [x < -4] and [x < 4] beside the basis, then m (L + T_4 top) + h x in one opening."""
     below, (v, T) = yield from together(compare, _gelu_basis(x))
     low, factor, top = _chebyshev_halves(T, v, fit_even_odd("gelu", GELU_BOUND, GELU_DEGREE))
-    from crypten.mpc.primitives import BinarySharedTensor
-
-    bits = below ^ 1  # [x >= -4], [x >= 4]: one opening, so [x >= 4] implies [x >= -4]
-    bits = BinarySharedTensor.stack([bits[0] ^ bits[1], bits[1]])  # m = [-4 <= x < 4], h
-    (out,) = yield [("select_fma", bits, crypten.stack([x * 0.5 + low, factor, top, x]))]
+    (out,) = yield [("select_fma", _inside_above(below), crypten.stack([x * 0.5 + low, factor, top, x]))]
     return out
 
 
@@ -988,15 +998,11 @@ def tanh(x):
 def _tanh_folded(x, compare):
     """:func:`tanh` with its selection folded into the top half's product (a :func:`lockstep` protocol, 5 rounds):
     with m = [-4.5 <= x < 4.5] and h = [x >= 4.5], tanh = m (P + 1) + 2 h - 1."""
-    from crypten.mpc.primitives import BinarySharedTensor
-
     u = x * (1 / TANH_BOUND)
     coeffs = _odd_series("tanh", TANH_BOUND, TANH_DEGREE)
     below, T = yield from together(compare, _chebyshev_protocol(u, len(coeffs) // 2))
     low, factor, top = _chebyshev_halves(T, u, coeffs)
-    bits = below ^ 1
-    bits = BinarySharedTensor.stack([bits[0] ^ bits[1], bits[1]])
-    (out,) = yield [("select_fma", bits, crypten.stack([low + 1, factor, top, x * 0 + 2.0]))]
+    (out,) = yield [("select_fma", _inside_above(below), crypten.stack([low + 1, factor, top, x * 0 + 2.0]))]
     return out - 1
 
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from . import offline, ring
+from . import offline
 from ._compat import import_crypten
-from .approx import finish_product
+from .approx import merged_round
 
 crypten = import_crypten()
 import crypten.communicator as comm  # noqa: E402
@@ -113,14 +113,7 @@ def mask_weights(params: dict, names: list[str]) -> tuple[dict, dict]:
 
 def matmul(x, w: MaskedWeight):
     """``x @ W`` for a secret ``x`` (MPCTensor) and a :class:`MaskedWeight`. One round, ``|x|`` opened."""
-    provider = offline.install()
-    a, c = provider.masked_triple(tuple(x.size()), w, device=x.device)
-    d = comm.get().all_reduce(x._tensor.share - a.share)  # x - a: the only opening
-    # x W = c + d B + a E (+ d E on party 0, whose d_factor holds its share of B plus E: two products per party)
-    z = c.share
-    z += ring.matmul(d, w.d_factor)
-    z += ring.matmul(a.share, w.opened)
-    return finish_product(x, w.encoder, z)
+    return merged_round([("wmatmul", x, w)])[0]
 
 
 def mm(x, w):

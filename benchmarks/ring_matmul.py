@@ -1,0 +1,56 @@
+"""Time one ring product at BERT-base shapes: int64 ``torch.matmul`` against ``mpc_lm.ring.matmul``.
+
+    python benchmarks/ring_matmul.py [--json PATH]
+
+Prints, per shape, the seconds of one product each way (the best of ``--repeat``) and checks that
+the two results are bit-identical (docs/performance.md, lever 13).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from mpc_lm import ring
+
+SHAPES = {"FF1 128x768 @ 768x3072": (128, 768, 3072), "FF2 128x3072 @ 3072x768": (128, 3072, 768),
+          "one-hot embedding 128x30522 @ 30522x768": (128, 30522, 768)}
+
+
+def _best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, (m, k, n) in SHAPES.items():
+        a = torch.randint(-(2**63), 2**63 - 1, (m, k), generator=gen)
+        b = torch.randint(-(2**63), 2**63 - 1, (k, n), generator=gen)
+        same = torch.equal(torch.matmul(a, b), ring.matmul(a, b))
+        row = {"product": name, "int64_s": _best(lambda: torch.matmul(a, b), args.repeat),
+               "ring_s": _best(lambda: ring.matmul(a, b), args.repeat), "bit_identical": same}
+        rows.append(row)
+        print(f"{name:42s} int64 {row['int64_s']:7.3f} s   ring.matmul {row['ring_s']:6.3f} s   identical: {same}")
+    if args.json:
+        doc = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads()}, "rows": rows}
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
