@@ -472,10 +472,10 @@ def merged_round(requests):
             (a, b, cc), eps, dlt = rnd, opened[k], opened[k + 1]
             k += 2
             share = x._tensor.share
-            z = (plain_ring(cc.share) + _ring_matmul(share, eps, plain_ring(b.share))
+            # party 0 folds the public eps dlt into eps (b + dlt): two ring products per party, not three
+            right = plain_ring(b.share) + dlt if first else plain_ring(b.share)
+            z = (plain_ring(cc.share) + _ring_matmul(share, eps, right)
                  + _ring_matmul(share, plain_ring(a.share), dlt))
-            if first:
-                z = z + _ring_matmul(share, eps, dlt)
             out.append(finish_product(x, y._tensor.encoder, z))
         elif kind in _SELECTIONS:  # bits and values from one opening, combined with the dealt tail
             zbits, d = _opened_bits(masked[k], opened[k], x), opened[k + 1]
@@ -691,6 +691,20 @@ _SELECTIONS = {
     "select4": (6, _tfp_select4, _select4_combine, "the values of groups of four"),
     "select_fma": (2, _tfp_select_fma, _select_fma_combine, "the values (L, U, W, X)"),
 }
+
+
+#: ``"stock"``: secret products are CrypTen's own (``approx.mode: crypten``, the benchmark's baseline), set by
+#: mpc_lm.runtime; otherwise :func:`matmul` is a merged-round Beaver product.
+PRODUCTS = {"stock": False}
+
+
+def matmul(x, y):
+    """x @ y of two MPCTensors: one Beaver matmul triple, both openings in one round, two local ring
+    products per party (CrypTen's ``matmul`` computes three on every party: eps dlt too, which only
+    party 0 adds; here party 0 folds it into eps (b + dlt)). CrypTen's own under ``approx.mode: crypten``."""
+    if PRODUCTS["stock"]:
+        return x.matmul(y)
+    return merged_round([("matmul", x, y)])[0]
 
 
 def finish_product(x, y_encoder, z):
@@ -1642,7 +1656,7 @@ def masked_softmax_matmul(scores, key_mask, values, exp_iterations: int, recipro
     if reciprocal_iterations:
         folded = _guess_and_product(total, -1, hi_exp, -1.0, steps, coarse=True, extra=[("matmul", e, values)])
     if folded is None:
-        return scaled_reciprocal(total, e, -1, hi_exp, reciprocal_iterations, steps, coarse=True).matmul(values)
+        return matmul(scaled_reciprocal(total, e, -1, hi_exp, reciprocal_iterations, steps, coarse=True), values)
     y, xy, ev = folded
     for _ in range(reciprocal_iterations - 1):
         y = y * (2 - xy)

@@ -117,7 +117,7 @@ def self_attention(x, key_mask, p: dict, prefix: str, heads: int, ap: Approximat
         qkv = linear(x, p[f"{prefix}.qkv.weight"], p[f"{prefix}.qkv.bias"])
     hidden = x.size(-1)
     q, k, v = (split_heads(qkv[..., i * hidden : (i + 1) * hidden], heads) for i in range(3))
-    scores = q.matmul(k.transpose(-1, -2))  # 1/sqrt(d) already folded into W_q
+    scores = approx.matmul(q, k.transpose(-1, -2))  # 1/sqrt(d) already folded into W_q
     if ap.mode == "crypten":  # stock softmax; padding masked additively (see STOCK_MASK_PENALTY)
         context = merge_heads((scores + (key_mask - 1) * STOCK_MASK_PENALTY).softmax(-1).matmul(v))
     else:  # normalised after the product with V (approx.masked_softmax_matmul)

@@ -30,7 +30,7 @@ import torch
 
 from . import offline
 from ._compat import import_crypten
-from .approx import merged_round
+from .approx import matmul as beaver_matmul, merged_round
 
 crypten = import_crypten()
 import crypten.communicator as comm  # noqa: E402
@@ -117,8 +117,9 @@ def matmul(x, w: MaskedWeight):
 
 
 def mm(x, w):
-    """``x @ w``: :func:`matmul` for a :class:`MaskedWeight`, CrypTen's product otherwise."""
-    return matmul(x, w) if isinstance(w, MaskedWeight) else x.matmul(w)
+    """``x @ w``: :func:`matmul` for a :class:`MaskedWeight`, a Beaver product otherwise
+    (:func:`mpc_lm.approx.matmul`)."""
+    return matmul(x, w) if isinstance(w, MaskedWeight) else beaver_matmul(x, w)
 
 
 __all__ = ["MaskedWeight", "enabled", "mask_weights", "prepare", "matmul", "matmul_names", "mm"]

@@ -149,6 +149,7 @@ def _configure_crypten(cfg: ConsortiumConfig) -> None:
     from . import approx  # comparison circuit for this process (docs/performance.md)
 
     approx.COMPARISON["method"] = "crypten" if cfg.approx.mode == "crypten" else cfg.approx.comparison
+    approx.PRODUCTS["stock"] = cfg.approx.mode == "crypten"
     if cfg.security.provider == "ttp":  # CrypTen's TTP functions plus comparison tables and bit triples
         from . import offline
 

@@ -190,7 +190,7 @@ def attention(x, p: dict, prefix: str, arch: CausalArch, ap: Approximations, key
         raise ValueError("decoding from a nonzero start needs a KV cache")
     total = k.size(2)
     k, v = _repeat_kv(k, h // kv), _repeat_kv(v, h // kv)
-    scores = q.matmul(k.transpose(-1, -2))  # (B, h, t, total); 1/sqrt(d) folded into W_q
+    scores = approx.matmul(q, k.transpose(-1, -2))  # (B, h, t, total); 1/sqrt(d) folded into W_q
     causal = (torch.arange(total)[None, :] <= torch.arange(start, start + t)[:, None]).long()
     mask = approx.mul_public_int(key_mask[:, :total].unsqueeze(1).unsqueeze(1), causal)
     context = layers.merge_heads(approx.masked_softmax_matmul(scores, mask, v, ap.exp_iterations,
