@@ -17,5 +17,7 @@ step "$PY" benchmarks/encoder_fidelity.py --device cuda --json "$R/encoder_fidel
 step bash benchmarks/run_bert_base_cost.sh cuda --seq-len 128 --mpc-limit 1 --modes mpc crypten-naive
 # GPT-2 small shapes: one generated token after a 64-token prompt (docs/causal-lm.md)
 step "$PY" -m mpc_lm.bench_causal --device cuda --prompt 64 --new 1
+# one training step, last BERT-base layer + head, batch 8 x 128 (docs/performance.md, lever 14)
+step "$PY" -m mpc_lm.bench_train --device cuda --steps 3 --json "$R/train-step-bert-base-cuda.json"
 # MiniLM on Rotten Tomatoes, all four modes (docs/bench.md)
 step bash benchmarks/run_minilm_rotten_tomatoes.sh cuda

@@ -44,37 +44,56 @@ def _flat(x):
 
 
 def linear_bwd(x, weight, dy, need_w: bool, need_x: bool):
-    """y = x W + b. Returns (dx, dW, db); dW/db only if ``need_w``. 1 round each matmul."""
-    dw = db = dx = None
-    if need_w:
-        dw = _flat(x).t().matmul(_flat(dy))
-        db = _flat(dy).sum(0)
-    if need_x:
-        dx = dy.matmul(weight.t())
+    """y = x W + b. Returns (dx, dW, db); dW/db only if ``need_w``.
+
+    dW = x^T dy and dx = dy W^T are independent: their Beaver openings travel in one round
+    (:func:`mpc_lm.approx.merged_round`). 1 round."""
+    reqs = ([("matmul", _flat(x).t(), _flat(dy))] if need_w else []) + ([("matmul", dy, weight.t())] if need_x else [])
+    out = approx.merged_round(reqs) if reqs else []
+    dw = out.pop(0) if need_w else None
+    db = _flat(dy).sum(0) if need_w else None
+    dx = out.pop(0) if need_x else None
     return dx, dw, db
 
 
-def ln_fwd(x, gamma, beta, eps: float, ap: Approximations):
-    """LayerNorm keeping x_hat and 1/std. Cost: as layers.layer_norm + 1 round."""
+def _inv_std(var, eps: float, ap: Approximations):
+    """1/sqrt(var + eps): the linear first guess (C + 1 rounds, relative error 8.8e-5 at 16 steps per
+    octave) where it applies (``approx.first_guess: linear``, comparison tables, two parties), else the
+    bucket guess and ``inv_sqrt_iterations`` Newton steps."""
+    lo, hi, steps = layers.VAR_LO_EXP, layers.VAR_HI_EXP, ap.guess_steps_per_octave
+    guess = approx._linear_guess(var + eps, lo, hi, -0.5, steps) if ap.first_guess == "linear" else None
+    return guess[0] if guess is not None else approx.inv_sqrt(var + eps, lo, hi, ap.inv_sqrt_iterations, steps)
+
+
+def ln_fwd(x, gamma, beta, eps: float, ap: Approximations, keep: bool = True):
+    """LayerNorm keeping what its backward needs: x_hat, 1/std and gamma x_hat.
+
+    centered^2 and centered gamma in one round, 1/std (:func:`_inv_std`), then x_hat and
+    gamma x_hat = (centered gamma) / std in one round: C + 3 rounds with the linear guess.
+    ``keep=False`` (a frozen block): no cache, gamma x_hat only."""
     centered = x - x.mean(dim=-1, keepdim=True)
-    var = centered.square().mean(dim=-1, keepdim=True)
-    inv = approx.inv_sqrt(var + eps, layers.VAR_LO_EXP, layers.VAR_HI_EXP, ap.inv_sqrt_iterations,
-                          ap.guess_steps_per_octave)
-    xhat = centered * inv
-    return xhat * gamma + beta, (xhat, inv, gamma)
+    squares, scaled = approx.mul_batch([(centered, centered), (centered, gamma)])  # gamma (H,): H-wide opening
+    inv = _inv_std(squares.mean(dim=-1, keepdim=True), eps, ap)
+    if not keep:
+        return scaled * inv + beta, None
+    xhat, gx = approx.mul_batch([(centered, inv), (scaled, inv)])
+    return gx + beta, dict(xhat=xhat, inv=inv, gx=gx, gamma=gamma)
 
 
 def ln_bwd(cache, dy, need_params: bool):
-    """dx = inv * (dxh - mean(dxh) - xh * mean(dxh * xh)), dxh = dy * gamma. 3 rounds."""
-    xhat, inv, gamma = cache
-    pairs = [(dy, gamma.expand(dy.size()))] + ([(dy, xhat)] if need_params else [])
-    prods = approx.mul_many(pairs)
-    dxhat = prods[0]
-    dgamma = _flat(prods[1]).sum(0) if need_params else None
+    """dx = inv (dxh - mean(dxh)) - (xh inv) mean(dxh xh), dxh = dy gamma. 2 rounds.
+
+    dxh xh = dy (gamma xh) is a product of dy with a cached share, so it travels beside
+    dy gamma, xh inv (independent of dy) and dy xh (for dgamma); the second round scales
+    both terms."""
+    pairs = [("mul", dy, cache["gamma"]), ("mul", dy, cache["gx"]), ("mul", cache["xhat"], cache["inv"])]
+    dxhat, t, xi, *rest = approx.merged_round(pairs + ([("mul", dy, cache["xhat"])] if need_params else []))
+    dgamma = _flat(rest[0]).sum(0) if need_params else None
     dbeta = _flat(dy).sum(0) if need_params else None
-    proj = (dxhat * xhat).mean(dim=-1, keepdim=True)
-    inner = dxhat - dxhat.mean(dim=-1, keepdim=True) - xhat * proj
-    return inv * inner, dgamma, dbeta
+    proj = t.mean(dim=-1, keepdim=True)
+    a, b = approx.merged_round([("mul", dxhat - dxhat.mean(dim=-1, keepdim=True), cache["inv"]),
+                                ("mul", xi, proj)])
+    return a - b, dgamma, dbeta
 
 
 # ------------------------------------------------------------------ activations
@@ -95,10 +114,21 @@ def gelu_fwd(x):
     Inside [-4, 4], gelu = x/2 + P(v), v = 2 (x/4)^2 - 1, so
     gelu' = 1/2 + P'(v) * x / 4 with P' the Chebyshev derivative series
     (numpy chebder, degree 7, on the T_k already computed); 1 above 4, 0
-    below -4. Cost: approx.gelu + 1 round; the derivative is the exact
-    derivative of the piecewise polynomial the forward uses.
+    below -4; the derivative is the exact derivative of the piecewise
+    polynomial the forward uses.
+
+    Under ``tables`` with a dealer of ``select_fma`` (two parties): the comparison
+    beside the basis to T_4 (3 rounds, as approx.gelu); then one round makes the
+    value m (x/2 + low + T_4 top) + h x (``select_fma``) and T_4 top' of the
+    derivative's series P' = low' + T_4 top' (the same halves); one more makes the
+    derivative m (1/2 + (x/4) P'(v)) + h (``select_fma`` with X = 1): 5 rounds.
+    Otherwise: the comparison, the basis to T_8, x P'(v), the selections: ~10 rounds.
     """
     bound, degree = approx.GELU_BOUND, approx.GELU_DEGREE
+    folded = approx._dealt_available("select_fma")  # asked first: making the protocol asks for its tables
+    protocol = approx._ge_protocol(x, [-bound, bound], coarse=True, form="deep") if folded else None
+    if protocol is not None:
+        return approx.lockstep(_gelu_fwd_folded(x, protocol))[0]
     lo, hi = approx.ge_many(x, [-bound, bound]).unbind(0)
     v = x.square() * (2 / bound**2) - 1
     coeffs = approx.fit_even_odd("gelu", bound, degree)
@@ -110,6 +140,21 @@ def gelu_fwd(x):
     middle = lo - hi
     a, b, d = approx.mul_many([(middle, inside), (hi, x), (middle, dinside)])
     return a + b, d + hi
+
+
+def _gelu_fwd_folded(x, compare):
+    """:func:`gelu_fwd` under ``tables`` and ``select_fma``, as an approx.lockstep protocol (5 rounds)."""
+    bound, degree = approx.GELU_BOUND, approx.GELU_DEGREE
+    below, (v, T) = yield from approx.together(compare, approx._gelu_basis(x))
+    coeffs = approx.fit_even_odd("gelu", bound, degree)
+    low, factor, top = approx._chebyshev_halves(T, v, coeffs)
+    dlow, dfactor, dtop = approx._chebyshev_halves(T, v, np.polynomial.chebyshev.chebder(np.array(coeffs)))
+    bits = approx._inside_above(below)
+    value, dtail = yield [("select_fma", bits, crypten.stack([x * 0.5 + low, factor, top, x])),
+                          ("mul", dfactor, dtop)]
+    ones = x * 0 + 1.0
+    (deriv,) = yield [("select_fma", bits, crypten.stack([ones * 0.5, x * (4 / bound**2), dlow + dtail, ones]))]
+    return value, deriv
 
 
 def act_fwd(x, name: str, ap: Approximations):
@@ -127,9 +172,12 @@ def act_fwd(x, name: str, ap: Approximations):
 # ------------------------------------------------------------------ attention
 
 
-def softmax_bwd(probs, dprobs):
-    """dS = P * (dP - sum(dP * P)). 2 rounds. Masked keys have P = 0, so dS = 0."""
-    inner = (dprobs * probs).sum(dim=-1, keepdim=True)
+def softmax_bwd(probs, dprobs, inner=None):
+    """dS = P * (dP - sum(dP * P)). 2 rounds; 1 if ``inner`` = sum(dP * P) is given (the
+    attention's backward has it from its context, :func:`attention_bwd`). Masked keys have
+    P = 0, so dS = 0."""
+    if inner is None:
+        inner = (dprobs * probs).sum(dim=-1, keepdim=True)
     return probs * (dprobs - inner)
 
 
@@ -163,16 +211,17 @@ def attention_fwd(x, key_mask, p: dict, pre: str, heads: int, ap: Approximations
     qkv = layers.linear(x, p[f"{pre}.qkv.weight"], p[f"{pre}.qkv.bias"])
     xa = None
     if lora is not None:
-        xa = x.matmul(p[f"{pre}.lora_A"])
-        qkv = qkv + xa.matmul(p[f"{pre}.lora_B"]) * lora.scale
+        xa = approx.matmul(x, p[f"{pre}.lora_A"])
+        qkv = qkv + approx.matmul(xa, p[f"{pre}.lora_B"]) * lora.scale.to(x.device)
     h = x.size(-1)
     q, k, v = (layers.split_heads(qkv[..., i * h : (i + 1) * h], heads) for i in range(3))
-    scores = q.matmul(k.transpose(-1, -2))
+    scores = approx.matmul(q, k.transpose(-1, -2))
     probs = approx.masked_softmax(scores, key_mask, ap.exp_iterations, ap.reciprocal_iterations,
                                    ap.guess_steps_per_octave, ap.max_arity, ap.exp)
-    ctx = layers.merge_heads(probs.matmul(v))
+    heads_ctx = approx.matmul(probs, v)
+    ctx = layers.merge_heads(heads_ctx)
     out = layers.linear(ctx, p[f"{pre}.out.weight"], p[f"{pre}.out.bias"])
-    return out, dict(x=x, xa=xa, q=q, k=k, v=v, probs=probs, ctx=ctx)
+    return out, dict(x=x, xa=xa, q=q, k=k, v=v, probs=probs, ctx=ctx, heads_ctx=heads_ctx)
 
 
 def attention_bwd(c: dict, dout, p: dict, pre: str, train: set, grads: dict, lora: Lora | None, need_x: bool):
@@ -181,35 +230,38 @@ def attention_bwd(c: dict, dout, p: dict, pre: str, train: set, grads: dict, lor
         grads[f"{pre}.out.weight"], grads[f"{pre}.out.bias"] = dw, db
     heads = c["q"].size(1)
     dctx = layers.split_heads(dctx, heads)
-    dprobs = dctx.matmul(c["v"].transpose(-1, -2))
-    dv = c["probs"].transpose(-1, -2).matmul(dctx)
-    dscores = softmax_bwd(c["probs"], dprobs)
-    dq = dscores.matmul(c["k"])
-    dk = dscores.transpose(-1, -2).matmul(c["q"])
+    # sum_j dP_ij P_ij = dctx_i . (P V)_i: softmax's inner sum from the context, beside dP and dV
+    dprobs, dv, inner = approx.merged_round([("matmul", dctx, c["v"].transpose(-1, -2)),
+                                             ("matmul", c["probs"].transpose(-1, -2), dctx),
+                                             ("mul", dctx, c["heads_ctx"])])
+    dscores = softmax_bwd(c["probs"], dprobs, inner.sum(dim=-1, keepdim=True))
+    dq, dk = approx.merged_round([("matmul", dscores, c["k"]), ("matmul", dscores.transpose(-1, -2), c["q"])])
     dqkv = crypten.cat([layers.merge_heads(t) for t in (dq, dk, dv)], dim=-1)
     x = c["x"]
     dx, dw, db = linear_bwd(x, p[f"{pre}.qkv.weight"], dqkv, f"{pre}.qkv.weight" in train, need_x)
     if dw is not None:
         grads[f"{pre}.qkv.weight"], grads[f"{pre}.qkv.bias"] = dw, db
     if lora is not None:
-        dz = dqkv * lora.scale
-        grads[f"{pre}.lora_B"] = _flat(c["xa"]).t().matmul(_flat(dz)) * lora.mask
-        dxa = dz.matmul(p[f"{pre}.lora_B"].t())
-        grads[f"{pre}.lora_A"] = _flat(x).t().matmul(_flat(dxa))
+        dz = dqkv * lora.scale.to(dqkv.device)
+        grads[f"{pre}.lora_B"] = approx.matmul(_flat(c["xa"]).t(), _flat(dz)) * lora.mask.to(dz.device)
+        dxa = approx.matmul(dz, p[f"{pre}.lora_B"].t())
+        grads[f"{pre}.lora_A"] = approx.matmul(_flat(x).t(), _flat(dxa))
         if need_x:
-            dx = dx + dxa.matmul(p[f"{pre}.lora_A"].t())
+            dx = dx + approx.matmul(dxa, p[f"{pre}.lora_A"].t())
     return dx
 
 
 # ------------------------------------------------------------------ encoder layer, embeddings
 
 
-def layer_fwd(x, key_mask, p: dict, n: int, arch, ap: Approximations, lora: Lora | None):
+def layer_fwd(x, key_mask, p: dict, n: int, arch, ap: Approximations, lora: Lora | None, keep: bool = True):
+    """An encoder layer; ``keep=False`` (a frozen block below the trained ones) skips what only
+    the backward needs in its LayerNorms."""
     attn, ca = attention_fwd(x, key_mask, p, f"l{n}.attn", arch.heads, ap, lora)
-    x1, c1 = ln_fwd(x + attn, p[f"l{n}.ln1.weight"], p[f"l{n}.ln1.bias"], arch.eps, ap)
+    x1, c1 = ln_fwd(x + attn, p[f"l{n}.ln1.weight"], p[f"l{n}.ln1.bias"], arch.eps, ap, keep)
     a, da = act_fwd(layers.linear(x1, p[f"l{n}.ff1.weight"], p[f"l{n}.ff1.bias"]), arch.act, ap)
     h2 = layers.linear(a, p[f"l{n}.ff2.weight"], p[f"l{n}.ff2.bias"])
-    x2, c2 = ln_fwd(x1 + h2, p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"], arch.eps, ap)
+    x2, c2 = ln_fwd(x1 + h2, p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"], arch.eps, ap, keep)
     return x2, dict(attn=ca, ln1=c1, x1=x1, a=a, da=da, ln2=c2)
 
 
@@ -231,13 +283,13 @@ def layer_bwd(c: dict, dx2, p: dict, n: int, train: set, grads: dict, lora: Lora
     return ds1 + dx if need_x else None
 
 
-def embed_fwd(p: dict, one_hot, arch, ap: Approximations):
+def embed_fwd(p: dict, one_hot, arch, ap: Approximations, keep: bool = True):
     seq = one_hot.size(1)
     x = layers.embed_tokens(one_hot, p["emb.word"])
     x = x + p["emb.pos"][arch.position_offset : arch.position_offset + seq]
     if "emb.type" in p:
         x = x + p["emb.type"][0]
-    y, cache = ln_fwd(x, p["emb.ln.weight"], p["emb.ln.bias"], arch.eps, ap)
+    y, cache = ln_fwd(x, p["emb.ln.weight"], p["emb.ln.bias"], arch.eps, ap, keep)
     return y, dict(ln=cache, one_hot=one_hot)
 
 
@@ -246,7 +298,7 @@ def embed_bwd(c: dict, dy, p: dict, arch, train: set, grads: dict):
     if dg is not None:
         grads["emb.ln.weight"], grads["emb.ln.bias"] = dg, db
     if "emb.word" in train:
-        grads["emb.word"] = _flat(c["one_hot"]).t().matmul(_flat(dx))
+        grads["emb.word"] = approx.matmul(_flat(c["one_hot"]).t(), _flat(dx))
         seq, off = dx.size(1), arch.position_offset
         dpos = dx.sum(0)
         parts = ([zeros((off, arch.hidden), dx)] if off else []) + [dpos]
@@ -261,13 +313,19 @@ def embed_bwd(c: dict, dy, p: dict, arch, train: set, grads: dict):
 # ------------------------------------------------------------------ head and loss
 
 
-def head_fwd(p: dict, hidden, mask, arch, ap: Approximations):
-    """Logits as encoders.head, with caches. Needs a classification head."""
+def head_fwd(p: dict, hidden, mask, arch, ap: Approximations, pool=None):
+    """Logits as encoders.head, with caches. Needs a classification head.
+
+    ``pool`` (embedding task, optional): the mean pooling's weights mask / count, shared by the
+    data owner with the mask (it knows both), which saves the count's reciprocal."""
     if arch.task == "embedding":
         seq = mask.size(-1)
-        count = mask.sum(dim=-1, keepdim=True)
-        weights = mask * approx.reciprocal(count, -1, max(1, seq.bit_length()), ap.reciprocal_iterations,
-                                              ap.guess_steps_per_octave)
+        if pool is not None:
+            weights = pool
+        else:
+            count = mask.sum(dim=-1, keepdim=True)
+            weights = mask * approx.reciprocal(count, -1, max(1, seq.bit_length()), ap.reciprocal_iterations,
+                                               ap.guess_steps_per_octave)
         pooled = (hidden * weights.unsqueeze(-1)).sum(dim=1)
         logits = layers.linear(pooled, p["head.out.weight"], p["head.out.bias"])
         return logits, dict(pooled=pooled, weights=weights, shape=hidden.size())
@@ -300,21 +358,29 @@ def head_bwd(c: dict, dlogits, p: dict, arch, train: set, grads: dict, need_x: b
     return crypten.cat([dcls.unsqueeze(1), zeros((b, t - 1, h), dcls)], dim=1)
 
 
-def cross_entropy(logits, labels, ap: Approximations, grad_scale: float):
+def cross_entropy(logits, labels, ap: Approximations, grad_scale: float, metrics: bool = True):
     """Softmax cross-entropy against shared one-hot ``labels`` (B, C).
 
     Returns (dlogits = (softmax - labels) * grad_scale, p_true, correct) where
     p_true is the predicted probability of the true class (for the loss, revealed
-    only to whom the config names) and correct the 0/1 [true logit is the max].
-    Cost: row max (C + 1 per level), exp, reciprocal, 2 rounds, 1 comparison.
+    only to whom the config names) and correct the 0/1 [true logit is the max]
+    (None unless ``metrics``). The exponential is softmax's (``approx.exp``: clipped
+    where available), the reciprocal's last Newton step folded into the normalisation.
+    Cost: row max, exp (4 rounds clipped), C + 2, 1 round; + 1 comparison for ``correct``.
     """
-    shifted = logits - approx.row_max(logits)
-    e = approx.exp_nonpositive(shifted, ap.exp_iterations)
-    hi_exp = max(1, math.ceil(math.log2(logits.size(-1))) + 1)
-    probs = e * approx.reciprocal(e.sum(dim=-1, keepdim=True), -1, hi_exp, ap.reciprocal_iterations,
-                                  ap.guess_steps_per_octave)
+    shifted = logits - approx.row_max(logits, ap.max_arity)
+    c = logits.size(-1)
+    if ap.exp == "clipped" and approx.clipped_exp_available():
+        e = approx.exp_clipped(shifted, crypten.cryptensor(torch.ones(1, c), device=logits.device))
+    else:
+        e = approx.exp_nonpositive(shifted, ap.exp_iterations)
+    hi_exp = max(1, math.ceil(math.log2(c)) + 1)
+    probs = approx.scaled_reciprocal(e.sum(dim=-1, keepdim=True), e, -1, hi_exp, ap.reciprocal_iterations,
+                                     ap.guess_steps_per_octave)
+    if not metrics:
+        return (probs - labels) * grad_scale, (probs * labels).sum(-1), None
     p_true, s_true = (t.sum(-1) for t in approx.mul_many([(probs, labels), (shifted, labels)]))
-    correct = approx.as_fixed(s_true.ge(0))  # the true logit minus the max is >= 0
+    correct = approx.as_fixed(approx.ge0(s_true))  # the true logit minus the max is >= 0
     return (probs - labels) * grad_scale, p_true, correct
 
 
@@ -335,18 +401,26 @@ class Plan:
     extra: dict = field(default_factory=dict)
 
 
-def forward(p: dict, one_hot, mask, arch, ap: Approximations, plan: Plan):
-    """Logits and the caches of the blocks at or above ``plan.first``."""
-    caches: dict = {}
-    x, c = embed_fwd(p, one_hot, arch, ap)
+def forward(p: dict, one_hot, mask, arch, ap: Approximations, plan: Plan, pool=None):
+    """Logits and the caches of the blocks at or above ``plan.first``. ``pool``: see :func:`head_fwd`."""
+    x, c = embed_fwd(p, one_hot, arch, ap, keep=plan.first < 0)
+    logits, caches = forward_layers(p, x, mask, arch, ap, plan, pool=pool)
     if plan.first < 0:
         caches["emb"] = c
+    return logits, caches
+
+
+def forward_layers(p: dict, x, mask, arch, ap: Approximations, plan: Plan, start: int = 0, pool=None):
+    """Logits from the hidden states ``x`` entering encoder layer ``start``, with the caches
+    of the blocks at or above ``plan.first`` (``mpc_lm.bench_train``'s step starts from
+    shared hidden states)."""
+    caches: dict = {}
     key_mask = mask.unsqueeze(1).unsqueeze(1)
-    for n in range(arch.layers):
-        x, c = layer_fwd(x, key_mask, p, n, arch, ap, plan.lora)
+    for n in range(start, arch.layers):
+        x, c = layer_fwd(x, key_mask, p, n, arch, ap, plan.lora, keep=n >= plan.first)
         if n >= plan.first:
             caches[n] = c
-    logits, caches["head"] = head_fwd(p, x, mask, arch, ap)
+    logits, caches["head"] = head_fwd(p, x, mask, arch, ap, pool)
     return logits, caches
 
 

@@ -1,8 +1,12 @@
 """Optimizers on secret shares: SGD with momentum, Adam and AdamW.
 
 Every trainable tensor is flattened into one vector so an optimizer step is
-a constant number of rounds whatever the model size (one batched comparison
-for Adam's inverse square root, not one per tensor).
+a few rounds whatever the number of tensors (one batched comparison for Adam's
+inverse square root per chunk of :data:`INV_SQRT_CHUNK` parameters, not one per
+tensor; the chunks bound its memory: the comparison works on range-width
+copies of its input). The optimizer asks the dealer on demand, chunk by chunk:
+planned ahead (mpc_lm/offline.py), a whole layer's comparison tables would be
+held at once.
 
 Two maps keep the arithmetic equal to plaintext PyTorch training of the
 Hugging Face model:
@@ -36,6 +40,12 @@ from ._compat import import_crypten
 from .config import Training
 
 crypten = import_crypten()
+
+#: Parameters per Adam inverse-square-root call: its comparison holds one copy of the input per
+#: octave of ``adam_v_range`` (32 by default) and several work tensors of that size, so one call over
+#: an encoder layer's 1.8 M (MiniLM) to 7 M (BERT-base) parameters needed ~10 GB and more per party;
+#: 2^17 keeps it to a few hundred MB.
+INV_SQRT_CHUNK = 1 << 17
 
 
 def mul_public(x, factor):
@@ -112,7 +122,9 @@ class SharedOptimizer:
             self.state["m"], self.state["v"] = m, v
             vhat = mul_public(v, 1 / (1 - b2**self.t)) + (L * cfg.eps) ** 2
             lo, hi = cfg.adam_v_range
-            inv = approx.inv_sqrt(vhat, lo, hi, 3)
+            n = vhat.size(0)
+            parts = [approx.inv_sqrt(vhat[i : i + INV_SQRT_CHUNK], lo, hi, 3) for i in range(0, n, INV_SQRT_CHUNK)]
+            inv = parts[0] if len(parts) == 1 else crypten.cat(parts)
             update = mul_public(m * inv, lr / (1 - b1**self.t) * self.scale)
             if cfg.optimizer == "adamw" and needs_w:  # decoupled: w -= lr * wd * w
                 update = update + mul_public(w, lr * cfg.weight_decay)

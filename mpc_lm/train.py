@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import approx, checkpoint, convert, export, grads, inputs, optim
+from . import approx, checkpoint, convert, export, grads, inputs, offline, optim
 from ._compat import import_crypten
 from .config import Role, Training
 from .errors import InputError, ModelError
@@ -136,7 +136,9 @@ def load_data(ctx: PartyContext, arch) -> list[Owner]:
 
 
 def share_examples(ctx, owners: list[Owner], split: str, index: list[int], arch):
-    """Share the examples with global ``index`` (owners' examples numbered in owner order)."""
+    """Share the examples with global ``index`` (owners' examples numbered in owner order):
+    one-hot ids, padding mask, the mean pooling's weights mask / count (the owner knows both;
+    grads.head_fwd) and one-hot labels."""
     parts, start = [], 0
     t = ctx.config.job.seq_len
     for o in owners:
@@ -150,12 +152,18 @@ def share_examples(ctx, owners: list[Owner], split: str, index: list[int], arch)
             batch = inputs.Batch(full.ids[rows], full.mask[rows])
             labels = torch.nn.functional.one_hot(lab[rows], arch.num_labels).float()
         one_hot, mask = inputs.share_batch(batch, (len(rows), t), arch.vocab_size, o.rank, ctx.device)
+        pool = None
+        if batch is not None:
+            m = batch.mask.float()
+            pool = m / m.sum(-1, keepdim=True).clamp(min=1)
+        pool = crypten.cryptensor((pool if pool is not None else torch.zeros(len(rows), t)).to(ctx.device),
+                                  src=o.rank, device=ctx.device)
         y = crypten.cryptensor((labels if labels is not None else torch.zeros(len(rows), arch.num_labels))
                                .to(ctx.device), src=o.rank, device=ctx.device)
-        parts.append((one_hot, mask, y))
+        parts.append((one_hot, mask, pool, y))
     if len(parts) == 1:
         return parts[0]
-    return tuple(crypten.cat([p[i] for p in parts], dim=0) for i in range(3))
+    return tuple(crypten.cat([p[i] for p in parts], dim=0) for i in range(4))
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
@@ -201,10 +209,13 @@ def evaluate(ctx, owners, params, arch, plan, who) -> dict | None:
     total = None
     with crypten.no_grad():
         for s in range(0, n, b):
-            one_hot, mask, y = share_examples(ctx, owners, "eval", list(range(s, min(n, s + b))), arch)
-            logits, _ = grads.forward(params, one_hot, mask, arch, ap, grads.Plan(set(), arch.layers, plan.lora))
+            rows = list(range(s, min(n, s + b)))
+            one_hot, mask, pool, y = share_examples(ctx, owners, "eval", rows, arch)
+            (logits, _), _ = offline.run(ctx.config, ("eval", len(rows), ctx.config.job.seq_len), grads.forward,
+                                         params, one_hot, mask, arch, ap, grads.Plan(set(), arch.layers, plan.lora),
+                                         pool)
             s_true = (logits * y).sum(-1) - approx.row_max(logits).squeeze(-1)
-            correct = approx.as_fixed(s_true.ge(0)).sum()
+            correct = approx.as_fixed(approx.ge0(s_true)).sum()
             total = correct if total is None else total + correct
     got = _reveal(ctx, total, who)
     return None if got is None else {"examples": n, "accuracy": round(got.item() / n, 4)}
@@ -269,18 +280,27 @@ def run(ctx: PartyContext, progress=None) -> dict:
         phase = Phase().begin(ctx)
         micro = steps[step]
         n_step = sum(len(m) for m in micro)
-        acc_grads, stats = None, None
+        acc_grads, stats, pre_step = None, None, []
+
+        def micro_step(params, one_hot, mask, pool, y):
+            logits, caches = grads.forward(params, one_hot, mask, arch, cfg.approx, plan, pool=pool)
+            dlogits, p_true, correct = grads.cross_entropy(logits, y, cfg.approx, tc.loss_scale / n_step,
+                                                           metrics=bool(who))
+            st = crypten.stack([-(p_true + 1e-4).log().sum(), correct.sum()]) if who else None
+            return grads.backward(caches, dlogits, params, arch, plan), st
+
         for idx in micro:
-            one_hot, mask, y = share_examples(ctx, owners, "train", idx, arch)
-            logits, caches = grads.forward(params, one_hot, mask, arch, cfg.approx, plan)
-            dlogits, p_true, correct = grads.cross_entropy(logits, y, cfg.approx, tc.loss_scale / n_step)
-            g = grads.backward(caches, dlogits, params, arch, plan)
+            one_hot, mask, pool, y = share_examples(ctx, owners, "train", idx, arch)
+            # the dealer's randomness for this micro-batch's shape is fetched before it runs (docs/performance.md)
+            (g, st), pre = offline.run(cfg, ("train", len(idx), cfg.job.seq_len, bool(who)),
+                                       micro_step, params, one_hot, mask, pool, y)
+            pre_step.append(pre)
             acc_grads = g if acc_grads is None else {k: acc_grads[k] + g[k] for k in g}
             if who:
-                st = crypten.stack([-(p_true + 1e-4).log().sum(), correct.sum()])
                 stats = st if stats is None else stats + st
         opt.step(params, acc_grads, optim.lr_at(tc, step, len(steps)))
-        rec = {"step": step + 1, "examples": n_step, **phase.end(ctx)}
+        rec = {"step": step + 1, "examples": n_step, **phase.end(ctx),
+               "offline_s": round(sum(p["offline_s"] for p in pre_step if p), 4)}
         if who:
             got = _reveal(ctx, stats, who)
             if got is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -72,3 +74,16 @@ def test_secure_op_on_cuda_matches_cpu(name):
     err = (out["cuda"] - out["cpu"]).abs().max().item()
     print(f"{name}: max |cuda - cpu| = {err:.3g}")
     assert err < 1e-3
+
+
+@pytest.mark.gpu
+def test_training_step_on_one_gpu_matches_autograd(tmp_path):
+    """tests/test_train_step.py's small training step with every party on the GPU."""
+    from mpc_lm import bench_train
+
+    out = tmp_path / "step.json"
+    assert bench_train.main(["--batch", "2", "--seq", "16", "--hidden", "64", "--heads", "4", "--intermediate",
+                             "128", "--steps", "2", "--device", "cuda", "--port", "29688", "--timeout", "300",
+                             "--json", str(out)]) == 0
+    fid = json.loads(out.read_text())["fidelity"]
+    assert fid["worst_max_rel_error"] < 0.01 and fid["worst_cosine"] > 0.9999, fid

@@ -47,8 +47,9 @@ def print_table(doc: dict, console) -> None:
     console.print(table)
     for r in doc["modes"]:
         console.print(f"[bold]{r['mode']}[/bold] protects: {r['protects']['summary']}")
-    console.print("[dim]wall s / ex/s: training for plaintext and dp (plus plaintext inference), encrypted "
-                  "inference for MPC rows; LAN/WAN: wall + rounds*RTT + bytes*8/bandwidth (docs/bench.md)[/dim]")
+    console.print("[dim]wall s / ex/s: training for plaintext and dp (plus plaintext inference); for MPC rows "
+                  "encrypted inference or fine-tuning, as the row's phase says; LAN/WAN: wall + rounds*RTT + "
+                  "bytes*8/bandwidth (docs/bench.md)[/dim]")
     cmp = doc.get("comparison")
     if cmp:
         r = cmp["crypten-naive/mpc"]
