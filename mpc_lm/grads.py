@@ -65,17 +65,14 @@ def _inv_std(var, eps: float, ap: Approximations):
     return guess[0] if guess is not None else approx.inv_sqrt(var + eps, lo, hi, ap.inv_sqrt_iterations, steps)
 
 
-def ln_fwd(x, gamma, beta, eps: float, ap: Approximations, keep: bool = True):
+def ln_fwd(x, gamma, beta, eps: float, ap: Approximations):
     """LayerNorm keeping what its backward needs: x_hat, 1/std and gamma x_hat.
 
     centered^2 and centered gamma in one round, 1/std (:func:`_inv_std`), then x_hat and
-    gamma x_hat = (centered gamma) / std in one round: C + 3 rounds with the linear guess.
-    ``keep=False`` (a frozen block): no cache, gamma x_hat only."""
+    gamma x_hat = (centered gamma) / std in one round: C + 3 rounds with the linear guess."""
     centered = x - x.mean(dim=-1, keepdim=True)
     squares, scaled = approx.mul_batch([(centered, centered), (centered, gamma)])  # gamma (H,): H-wide opening
     inv = _inv_std(squares.mean(dim=-1, keepdim=True), eps, ap)
-    if not keep:
-        return scaled * inv + beta, None
     xhat, gx = approx.mul_batch([(centered, inv), (scaled, inv)])
     return gx + beta, dict(xhat=xhat, inv=inv, gx=gx, gamma=gamma)
 
@@ -255,13 +252,20 @@ def attention_bwd(c: dict, dout, p: dict, pre: str, train: set, grads: dict, lor
 
 
 def layer_fwd(x, key_mask, p: dict, n: int, arch, ap: Approximations, lora: Lora | None, keep: bool = True):
-    """An encoder layer; ``keep=False`` (a frozen block below the trained ones) skips what only
-    the backward needs in its LayerNorms."""
+    """An encoder layer with the caches of its backward. ``keep=False`` (a frozen block below the
+    trained ones, no adapters): the inference layer (mpc_lm/layers.py: the softmax normalised after
+    the product with V, GELU without its derivative, LayerNorms without caches), no cache."""
+    if not keep and lora is None:
+        attn = layers.self_attention(x, key_mask, p, f"l{n}.attn", arch.heads, ap)
+        x1 = layers.layer_norm(x + attn, p[f"l{n}.ln1.weight"], p[f"l{n}.ln1.bias"], arch.eps, ap)
+        a = layers.activation(layers.linear(x1, p[f"l{n}.ff1.weight"], p[f"l{n}.ff1.bias"]), arch.act, ap)
+        h2 = layers.linear(a, p[f"l{n}.ff2.weight"], p[f"l{n}.ff2.bias"])
+        return layers.layer_norm(x1 + h2, p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"], arch.eps, ap), None
     attn, ca = attention_fwd(x, key_mask, p, f"l{n}.attn", arch.heads, ap, lora)
-    x1, c1 = ln_fwd(x + attn, p[f"l{n}.ln1.weight"], p[f"l{n}.ln1.bias"], arch.eps, ap, keep)
+    x1, c1 = ln_fwd(x + attn, p[f"l{n}.ln1.weight"], p[f"l{n}.ln1.bias"], arch.eps, ap)
     a, da = act_fwd(layers.linear(x1, p[f"l{n}.ff1.weight"], p[f"l{n}.ff1.bias"]), arch.act, ap)
     h2 = layers.linear(a, p[f"l{n}.ff2.weight"], p[f"l{n}.ff2.bias"])
-    x2, c2 = ln_fwd(x1 + h2, p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"], arch.eps, ap, keep)
+    x2, c2 = ln_fwd(x1 + h2, p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"], arch.eps, ap)
     return x2, dict(attn=ca, ln1=c1, x1=x1, a=a, da=da, ln2=c2)
 
 
@@ -284,12 +288,15 @@ def layer_bwd(c: dict, dx2, p: dict, n: int, train: set, grads: dict, lora: Lora
 
 
 def embed_fwd(p: dict, one_hot, arch, ap: Approximations, keep: bool = True):
+    """Embeddings and their LayerNorm; ``keep=False`` (frozen): the inference LayerNorm, no cache."""
     seq = one_hot.size(1)
     x = layers.embed_tokens(one_hot, p["emb.word"])
     x = x + p["emb.pos"][arch.position_offset : arch.position_offset + seq]
     if "emb.type" in p:
         x = x + p["emb.type"][0]
-    y, cache = ln_fwd(x, p["emb.ln.weight"], p["emb.ln.bias"], arch.eps, ap, keep)
+    if not keep:
+        return layers.layer_norm(x, p["emb.ln.weight"], p["emb.ln.bias"], arch.eps, ap), None
+    y, cache = ln_fwd(x, p["emb.ln.weight"], p["emb.ln.bias"], arch.eps, ap)
     return y, dict(ln=cache, one_hot=one_hot)
 
 
