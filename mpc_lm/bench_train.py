@@ -226,18 +226,19 @@ def summarize(args, results: dict, wall_s: float) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mpc_lm.bench_train", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--intermediate", type=int, default=3072)
+    ap.add_argument("--batch", type=int, default=8, help="examples per step (default 8)")
+    ap.add_argument("--seq", type=int, default=128, help="tokens per example, the public bucket (default 128)")
+    ap.add_argument("--hidden", type=int, default=768, help="hidden size (default 768: BERT-base)")
+    ap.add_argument("--heads", type=int, default=12, help="attention heads; must divide --hidden (default 12)")
+    ap.add_argument("--intermediate", type=int, default=3072, help="feed-forward width (default 3072)")
     ap.add_argument("--task", default="embedding", choices=["embedding", "sequence-classification"],
                     help="head: embedding = masked mean pooling + linear (the benchmark CLI's head); "
                          "sequence-classification = BERT's pooler (tanh) + linear")
     ap.add_argument("--steps", type=int, default=3, help="the first includes planning; the rest are averaged")
-    ap.add_argument("--loss-scale", type=float, default=1024.0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--port", type=int, default=29680)
+    ap.add_argument("--loss-scale", type=float, default=1024.0, help="public factor on the loss gradient "
+                    "(fixed-point resolution; docs/training.md)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N], for every party")
+    ap.add_argument("--port", type=int, default=29680, help="rendezvous port on 127.0.0.1")
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds before every party is stopped")
     ap.add_argument("--on-demand", action="store_true", help="preprocessing.mode: on_demand (no offline phase)")
     ap.add_argument("--json", help="also write the JSON here")
@@ -245,8 +246,21 @@ def main(argv=None) -> int:
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    bad = [f"--{k} must be at least {lo} (got {getattr(args, k)})"
+           for k, lo in (("batch", 1), ("seq", 2), ("hidden", 2), ("heads", 1), ("intermediate", 1), ("steps", 1))
+           if getattr(args, k) < lo]
+    if args.hidden % max(args.heads, 1):
+        bad.append(f"--heads must divide --hidden ({args.hidden} is not a multiple of {args.heads})")
+    if bad:
+        ap.error("; ".join(bad))
     if args.party:
-        return party_main(args.config, args.party, args.result, args)
+        from .errors import MpcLmError
+
+        try:
+            return party_main(args.config, args.party, args.result, args)
+        except MpcLmError as err:  # a clear message (rendezvous, timeouts, devices), not a traceback
+            print(f"bench_train party {args.party}: error: {err}", file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         config = _config(args, tmp)
