@@ -186,6 +186,9 @@ def party_main(config: str, name: str, result: str, args) -> int:
 
 
 def _config(args, tmp: Path) -> Path:
+    """A consortium config for the three parties. Its runtime sections (parties, rendezvous, timeouts,
+    preprocessing, approximations) are what the parties use; ``model`` and ``job`` only satisfy the
+    config's validation (the parties run :func:`party_main`, not a job)."""
     (tmp / "unused.txt").write_text("x\n")
     parties = [{"name": n, "role": r, "device": args.device} for n, r in ROLES]
     parties[1]["input"] = "unused.txt"
