@@ -100,3 +100,18 @@ def test_checkpoint_resume_reaches_plaintext_weights(tmp_path):
     ref = reference_train(load_config(cfg_path))
     check_close(hf_weights(tmp_path / "trained"), ref["hf_state"], hf_weights(model))
     assert os.path.isdir(tmp_path / "ckpt" / "owner0" / "step-00000003")
+
+
+def test_three_computing_parties_match_plaintext(tmp_path):
+    """Two data owners and the model owner compute (3 parties + dealer): the paths without two-party
+    shortcuts (comparison circuit, Newton steps, the limit exp) train like plaintext too."""
+    model = tiny_bert(tmp_path / "model")
+    train = {"trainable": "all", "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "max_steps": 2}
+    cfg_path = train_config(tmp_path, model, train, owners=2)
+    result = launch(cfg_path)
+    assert set(result.results) == {"vendor", "owner0", "owner1", "dealer"}
+    ref = reference_train(load_config(cfg_path))
+    want = dict(ref["hf_state"])
+    want.update({f"head.{k}": v for k, v in (ref["head"] or {}).items()})
+    check_close(hf_weights(tmp_path / "trained", "sequence-classification"), want,
+                hf_weights(model, "sequence-classification"))
