@@ -24,12 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -122,64 +118,53 @@ def gradient_fidelity(secure: dict, plain: dict) -> dict:
 # ---------------------------------------------------------------- one party
 
 
-def party_main(config: str, name: str, result: str, args) -> int:
+def party_job(ctx, args) -> dict:
+    """A computing party's part (run by :func:`mpc_lm.party.run_party` in place of a job): share, step, check."""
     from . import grads, infer, offline, optim, train
     from ._compat import import_crypten
-    from .config import Role, Training, load_config
-    from .dealer import serve
-    from .party import _setup_logging
-    from .runtime import party_session
+    from .config import Training
 
     crypten = import_crypten()
-    _setup_logging(name, "warning")
-    cfg = load_config(config)
-    summary: dict = {"party": name}
-    with party_session(cfg, name) as ctx:
-        if ctx.role == Role.DEALER:
-            summary["requests_served"] = serve()
-        else:
-            arch = arch_for(args)
-            mo, do, dev = ctx.model_owner_rank, cfg.rank_of("alice"), ctx.device
-            weights = plain_weights(arch) if ctx.rank == mo else None
-            params = {n: crypten.cryptensor((weights[n] if weights else torch.zeros(s)).to(dev), src=mo, device=dev)
-                      for n, s in trainable_shapes(arch).items()}
-            data = plain_batch(args) if ctx.rank == do else None
-            b, t, h = args.batch, args.seq, args.hidden
-            x, mask, pool, labels = (
-                crypten.cryptensor((data[i] if data else torch.zeros(shape)).to(dev), src=do, device=dev)
-                for i, shape in enumerate([(b, t, h), (b, t), (b, t), (b, 2)]))
-            names = sorted(params)
-            plan = grads.Plan(train=set(names), first=0)
-            tc = Training(optimizer="sgd", lr=1e-3, momentum=0.9, loss_scale=args.loss_scale)
-            opt = optim.SharedOptimizer(tc, names, {n: params[n].size() for n in names},
-                                        train.hf_scales(arch, names), params[names[0]])
+    cfg = ctx.config
+    arch = arch_for(args)
+    mo, do, dev = ctx.model_owner_rank, cfg.rank_of("alice"), ctx.device
+    weights = plain_weights(arch) if ctx.rank == mo else None
+    params = {n: crypten.cryptensor((weights[n] if weights else torch.zeros(s)).to(dev), src=mo, device=dev)
+              for n, s in trainable_shapes(arch).items()}
+    data = plain_batch(args) if ctx.rank == do else None
+    b, t, h = args.batch, args.seq, args.hidden
+    x, mask, pool, labels = (
+        crypten.cryptensor((data[i] if data else torch.zeros(shape)).to(dev), src=do, device=dev)
+        for i, shape in enumerate([(b, t, h), (b, t), (b, t), (b, 2)]))
+    names = sorted(params)
+    plan = grads.Plan(train=set(names), first=0)
+    tc = Training(optimizer="sgd", lr=1e-3, momentum=0.9, loss_scale=args.loss_scale)
+    opt = optim.SharedOptimizer(tc, names, {n: params[n].size() for n in names},
+                                train.hf_scales(arch, names), params[names[0]])
 
-            def forward_backward(params, x, mask, pool, labels):
-                logits, caches = grads.forward_layers(params, x, mask, arch, cfg.approx, plan, pool=pool)
-                dlogits, p_true, _ = grads.cross_entropy(logits, labels, cfg.approx, tc.loss_scale / b, metrics=False)
-                return grads.backward(caches, dlogits, params, arch, plan), p_true
+    def forward_backward(params, x, mask, pool, labels):
+        logits, caches = grads.forward_layers(params, x, mask, arch, cfg.approx, plan, pool=pool)
+        dlogits, p_true, _ = grads.cross_entropy(logits, labels, cfg.approx, tc.loss_scale / b, metrics=False)
+        return grads.backward(caches, dlogits, params, arch, plan), p_true
 
-            steps, first = [], None
-            for step in range(args.steps):
-                phase = infer.Phase().begin(ctx)
-                (g, p_true), pre = offline.run(cfg, ("train-step", b, t, h), forward_backward, params, x, mask, pool,
-                                            labels)
-                opt.step(params, g, tc.lr)
-                rec = {"step": step + 1, **phase.end(ctx), "offline": pre}
-                steps.append(rec)
-                if first is None:
-                    first = (g, p_true)
-            g, p_true = first
-            revealed = {n: train.reveal_exact(g[n], do) for n in names}  # the data owner checks them
-            loss = train.reveal_exact(-(p_true + 1e-4).log().mean(), do)
-            summary["steps"] = steps
-            if ctx.rank == do:
-                revealed = {n: t.cpu() / tc.loss_scale for n, t in revealed.items()}
-                ref_loss, ref = reference_step(plain_weights(arch), *data, arch)
-                summary["fidelity"] = {"loss": round(loss.item(), 5), "reference_loss": round(ref_loss, 5),
-                                       **gradient_fidelity(revealed, ref)}
-    Path(result).write_text(json.dumps(summary, indent=2))
-    return 0
+    steps, first = [], None
+    for step in range(args.steps):
+        phase = infer.Phase().begin(ctx)
+        (g, p_true), pre = offline.run(cfg, ("train-step", b, t, h), forward_backward, params, x, mask, pool, labels)
+        opt.step(params, g, tc.lr)
+        steps.append({"step": step + 1, **phase.end(ctx), "offline": pre})
+        if first is None:
+            first = (g, p_true)
+    g, p_true = first
+    revealed = {n: train.reveal_exact(g[n], do) for n in names}  # the data owner checks them
+    loss = train.reveal_exact(-(p_true + 1e-4).log().mean(), do)
+    summary = {"steps": steps}
+    if ctx.rank == do:
+        revealed = {n: v.cpu() / tc.loss_scale for n, v in revealed.items()}
+        ref_loss, ref = reference_step(plain_weights(arch), *data, arch)
+        summary["fidelity"] = {"loss": round(loss.item(), 5), "reference_loss": round(ref_loss, 5),
+                               **gradient_fidelity(revealed, ref)}
+    return summary
 
 
 # ---------------------------------------------------------------- the launcher
@@ -188,12 +173,12 @@ def party_main(config: str, name: str, result: str, args) -> int:
 def _config(args, tmp: Path) -> Path:
     """A consortium config for the three parties. Its runtime sections (parties, rendezvous, timeouts,
     preprocessing, approximations) are what the parties use; ``model`` and ``job`` only satisfy the
-    config's validation (the parties run :func:`party_main`, not a job)."""
+    config's validation (the computing parties run :func:`party_job`, not a job)."""
     (tmp / "unused.txt").write_text("x\n")
     parties = [{"name": n, "role": r, "device": args.device} for n, r in ROLES]
     parties[1]["input"] = "unused.txt"
     cfg = {"name": "bench-train", "run_dir": str(tmp / "runs"), "parties": parties,
-           "model": {"path": "builtin:demo-minilm-sentiment", "task": args.task},
+           "model": {"path": "random weights (mpc_lm.bench_train)", "task": args.task},
            "job": {"kind": "classify", "seq_len": args.seq, "batch_size": args.batch},
            "rendezvous": {"host": "127.0.0.1", "port": args.port},
            "timeouts": {"run_s": args.timeout, "op_s": 1800},
@@ -245,8 +230,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds before every party is stopped")
     ap.add_argument("--on-demand", action="store_true", help="preprocessing.mode: on_demand (no offline phase)")
     ap.add_argument("--json", help="also write the JSON here")
-    ap.add_argument("--party", help=argparse.SUPPRESS)
-    ap.add_argument("--config", help=argparse.SUPPRESS)
+    # one party, as mpc_lm.launch starts it: --party-config CONFIG --name NAME --result PATH
+    ap.add_argument("--party-config", help=argparse.SUPPRESS)
+    ap.add_argument("--name", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     bad = [f"--{k} must be at least {lo} (got {getattr(args, k)})"
@@ -256,41 +242,23 @@ def main(argv=None) -> int:
         bad.append(f"--heads must divide --hidden ({args.hidden} is not a multiple of {args.heads})")
     if bad:
         ap.error("; ".join(bad))
-    if args.party:
-        from .errors import MpcLmError
+    if args.party_config:
+        from .party import run_party
 
-        try:
-            return party_main(args.config, args.party, args.result, args)
-        except MpcLmError as err:  # a clear message (rendezvous, timeouts, devices), not a traceback
-            print(f"bench_train party {args.party}: error: {err}", file=sys.stderr)
-            return 2
+        return run_party(args.party_config, args.name, args.result, "warning", job=lambda ctx: party_job(ctx, args))
+    from .errors import MpcLmError
+    from .launch import launch
+
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        config = _config(args, tmp)
-        forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
-        started = time.perf_counter()
-        procs = {n: subprocess.Popen([sys.executable, "-m", "mpc_lm.bench_train", *forwarded, "--party", n,
-                                      "--config", str(config), "--result", str(tmp / f"{n}.json")],
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-                 for n, _ in ROLES}
-        failed = None
+        forwarded = list(argv if argv is not None else sys.argv[1:])
         try:
-            while any(p.poll() is None for p in procs.values()) and failed is None:
-                failed = next((n for n, p in procs.items() if p.poll() not in (None, 0)), None)
-                if time.perf_counter() - started > args.timeout:
-                    failed = "timeout"
-                time.sleep(0.5)
-            failed = failed or next((n for n, p in procs.items() if p.returncode != 0), None)
-        finally:
-            for p in procs.values():
-                if p.poll() is None:
-                    p.kill()
-        if failed:
-            print(f"bench_train: party {failed!r} failed (exit codes "
-                  f"{ {n: p.poll() for n, p in procs.items()} }); see its messages above", file=sys.stderr)
+            run = launch(_config(args, Path(tmp)),
+                         entry=[sys.executable, "-m", "mpc_lm.bench_train", *forwarded, "--party-config"])
+        except MpcLmError as err:  # the failing party's own message and the tail of its log
+            print(f"bench_train: error: {err}\n(the config is made from this command's options: --port, "
+                  "--timeout, --device)", file=sys.stderr)
             return 1
-        results = {n: json.loads((tmp / f"{n}.json").read_text()) for n, _ in ROLES}
-        out = summarize(args, results, time.perf_counter() - started)
+        out = summarize(args, run.results, run.wall_s)
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

@@ -58,12 +58,12 @@ def _first_error_line(path: Path) -> str:
     return ""
 
 
-def _start(cfg: ConsortiumConfig, config_path: Path, run_dir: Path, env: dict) -> dict[str, tuple]:
+def _start(cfg: ConsortiumConfig, config_path: Path, run_dir: Path, env: dict, entry=None) -> dict[str, tuple]:
     procs = {}
     for party in cfg.parties:
         log_path = run_dir / "logs" / f"{party.name}.log"
         log_file = log_path.open("w")
-        cmd = [sys.executable, "-m", "mpc_lm.cli", "party", str(config_path), "--name", party.name,
+        cmd = [*(entry or [sys.executable, "-m", "mpc_lm.cli", "party"]), str(config_path), "--name", party.name,
                "--result", str(run_dir / f"{party.name}.json")]
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, stdin=subprocess.DEVNULL)
@@ -144,11 +144,12 @@ def _supervise(cfg: ConsortiumConfig, procs: dict, on_tick=None) -> None:
         time.sleep(_POLL_S)
 
 
-def launch(config_path: str | Path, on_tick=None, extra_env: dict | None = None) -> RunResult:
+def launch(config_path: str | Path, on_tick=None, extra_env: dict | None = None, entry=None) -> RunResult:
     """Run all parties of ``config_path`` locally; raise on the first failure.
 
     ``on_tick(run_dir)`` is called while waiting (e.g. to draw progress from
-    ``run_dir / "progress"``, see :mod:`mpc_lm.progress`).
+    ``run_dir / "progress"``, see :mod:`mpc_lm.progress`). ``entry``: the command that runs one
+    party, before ``CONFIG --name NAME --result PATH`` (default ``python -m mpc_lm.cli party``).
     """
     config_path = Path(config_path).resolve()
     cfg = load_config(config_path)
@@ -166,7 +167,7 @@ def launch(config_path: str | Path, on_tick=None, extra_env: dict | None = None)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", PROGRESS_ENV: str(run_dir / "progress"), **(extra_env or {})}
     started = time.perf_counter()
-    procs = _start(cfg, config_path, run_dir, env)
+    procs = _start(cfg, config_path, run_dir, env, entry)
     try:
         _supervise(cfg, procs, (lambda: on_tick(run_dir)) if on_tick else None)
     except BaseException:

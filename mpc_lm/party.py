@@ -28,8 +28,12 @@ def _setup_logging(name: str, level: str) -> None:
     )
 
 
-def run_party(config_path: str, name: str, result_path: str | None = None, log_level: str = "info") -> int:
-    """Run one party to the end; returns the process exit code (0 ok, 2 user error, 3 peer failure)."""
+def run_party(config_path: str, name: str, result_path: str | None = None, log_level: str = "info",
+              job=None) -> int:
+    """Run one party to the end; returns the process exit code (0 ok, 2 user error, 3 peer failure).
+
+    ``job(ctx) -> dict`` replaces the job of ``job.kind`` for a computing party (the cost benchmarks
+    at real shapes, e.g. :mod:`mpc_lm.bench_train`); the dealer serves randomness either way."""
     _setup_logging(name, log_level)
     started = time.perf_counter()
     audit_dir = os.environ.get(AUDIT_ENV)
@@ -40,7 +44,7 @@ def run_party(config_path: str, name: str, result_path: str | None = None, log_l
             if ctx.role == Role.DEALER:
                 summary = {"requests_served": dealer.serve()}
             else:
-                summary = jobs.job_for(cfg.job.kind)(ctx)
+                summary = (job or jobs.job_for(cfg.job.kind))(ctx)
             summary.update(party=name, role=ctx.role.value, rank=ctx.rank, device=str(ctx.device),
                            traffic_total=ctx.comm.traffic.snapshot())
             if audit is not None:
