@@ -56,23 +56,16 @@ def linear_bwd(x, weight, dy, need_w: bool, need_x: bool):
     return dx, dw, db
 
 
-def _inv_std(var, eps: float, ap: Approximations):
-    """1/sqrt(var + eps): the linear first guess (C + 1 rounds, relative error 8.8e-5 at 16 steps per
-    octave) where it applies (``approx.first_guess: linear``, comparison tables, two parties), else the
-    bucket guess and ``inv_sqrt_iterations`` Newton steps."""
-    lo, hi, steps = layers.VAR_LO_EXP, layers.VAR_HI_EXP, ap.guess_steps_per_octave
-    guess = approx._linear_guess(var + eps, lo, hi, -0.5, steps) if ap.first_guess == "linear" else None
-    return guess[0] if guess is not None else approx.inv_sqrt(var + eps, lo, hi, ap.inv_sqrt_iterations, steps)
-
-
 def ln_fwd(x, gamma, beta, eps: float, ap: Approximations):
     """LayerNorm keeping what its backward needs: x_hat, 1/std and gamma x_hat.
 
-    centered^2 and centered gamma in one round, 1/std (:func:`_inv_std`), then x_hat and
-    gamma x_hat = (centered gamma) / std in one round: C + 3 rounds with the linear guess."""
+    centered^2 and centered gamma in one round, 1/std (approx.inv_sqrt), then x_hat and
+    gamma x_hat = (centered gamma) / std in one round: C + 3 rounds with the linear guess
+    (``approx.first_guess: linear`` where it applies; else the bucket guess and Newton steps)."""
     centered = x - x.mean(dim=-1, keepdim=True)
     squares, scaled = approx.mul_batch([(centered, centered), (centered, gamma)])  # gamma (H,): H-wide opening
-    inv = _inv_std(squares.mean(dim=-1, keepdim=True), eps, ap)
+    inv = approx.inv_sqrt(squares.mean(dim=-1, keepdim=True) + eps, layers.VAR_LO_EXP, layers.VAR_HI_EXP,
+                          ap.inv_sqrt_iterations, ap.guess_steps_per_octave, ap.first_guess == "linear")
     xhat, gx = approx.mul_batch([(centered, inv), (scaled, inv)])
     return gx + beta, dict(xhat=xhat, inv=inv, gx=gx, gamma=gamma)
 
@@ -376,12 +369,8 @@ def cross_entropy(logits, labels, ap: Approximations, grad_scale: float, metrics
     Cost: row max, exp (4 rounds clipped), C + 2, 1 round; + 1 comparison for ``correct``.
     """
     shifted = logits - approx.row_max(logits, ap.max_arity)
-    c = logits.size(-1)
-    if ap.exp == "clipped" and approx.clipped_exp_available():
-        e = approx.exp_clipped(shifted, crypten.cryptensor(torch.ones(1, c), device=logits.device))
-    else:
-        e = approx.exp_nonpositive(shifted, ap.exp_iterations)
-    hi_exp = max(1, math.ceil(math.log2(c)) + 1)
+    e = approx.exp_shifted(shifted, None, ap.exp, ap.exp_iterations)
+    hi_exp = max(1, math.ceil(math.log2(logits.size(-1))) + 1)
     probs = approx.scaled_reciprocal(e.sum(dim=-1, keepdim=True), e, -1, hi_exp, ap.reciprocal_iterations,
                                      ap.guess_steps_per_octave)
     if not metrics:
