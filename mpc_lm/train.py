@@ -137,8 +137,8 @@ def load_data(ctx: PartyContext, arch) -> list[Owner]:
 
 def share_examples(ctx, owners: list[Owner], split: str, index: list[int], arch):
     """Share the examples with global ``index`` (owners' examples numbered in owner order):
-    one-hot ids, padding mask, the mean pooling's weights mask / count (the owner knows both;
-    grads.head_fwd) and one-hot labels."""
+    one-hot ids, padding mask, the mean pooling's weights mask / count (embedding task, else None;
+    the owner knows both; grads.head_fwd) and one-hot labels."""
     parts, start = [], 0
     t = ctx.config.job.seq_len
     for o in owners:
@@ -153,17 +153,16 @@ def share_examples(ctx, owners: list[Owner], split: str, index: list[int], arch)
             labels = torch.nn.functional.one_hot(lab[rows], arch.num_labels).float()
         one_hot, mask = inputs.share_batch(batch, (len(rows), t), arch.vocab_size, o.rank, ctx.device)
         pool = None
-        if batch is not None:
-            m = batch.mask.float()
-            pool = m / m.sum(-1, keepdim=True).clamp(min=1)
-        pool = crypten.cryptensor((pool if pool is not None else torch.zeros(len(rows), t)).to(ctx.device),
-                                  src=o.rank, device=ctx.device)
+        if arch.task == "embedding":
+            m = batch.mask.float() if batch is not None else torch.zeros(len(rows), t)
+            pool = crypten.cryptensor((m / m.sum(-1, keepdim=True).clamp(min=1)).to(ctx.device),
+                                      src=o.rank, device=ctx.device)
         y = crypten.cryptensor((labels if labels is not None else torch.zeros(len(rows), arch.num_labels))
                                .to(ctx.device), src=o.rank, device=ctx.device)
         parts.append((one_hot, mask, pool, y))
     if len(parts) == 1:
         return parts[0]
-    return tuple(crypten.cat([p[i] for p in parts], dim=0) for i in range(4))
+    return tuple(None if parts[0][i] is None else crypten.cat([p[i] for p in parts], dim=0) for i in range(4))
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
