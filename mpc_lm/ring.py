@@ -5,13 +5,15 @@ values, the dealer's masks). On a GPU CrypTen splits them into exact floating-po
 (``CUDALongTensor``); on the CPU it calls ``torch.matmul`` on int64, which has no BLAS kernel
 (128 x 768 @ 768 x 3072: 1.1 s on a 2-core machine, against 0.01 s for float64).
 
-:func:`matmul` splits each entry into four 16-bit limbs, a = sum_i a_i 2^(16 i), and forms
-a @ b = sum_{i + j < 4} (a_i @ b_j) 2^(16 (i + j)) mod 2^64: the terms with i + j >= 4 vanish
-modulo 2^64, so 10 limb products remain, computed as 4 float64 matmuls (a_i against the limbs
-b_0 .. b_(3-i) side by side). Each limb product is a sum of K products below 2^32, and the up to
-four products of one shift are added in float64 before rounding back, so every float64 value is
-an integer below 4 K 2^32: exact while K < 2^19 (wider inner dimensions fall back to int64).
-The result is bit-identical to ``torch.matmul`` on int64 (``tests/test_ring.py``).
+:func:`matmul` writes each entry as three signed digits, a = a_0 + a_1 2^22 + a_2 2^43 (mod 2^64)
+with a_0 in [-2^21, 2^21) and a_1, a_2 in [-2^20, 2^20), and forms a @ b modulo 2^64 from the digit
+products whose shift is below 64: (0, 0), (0, 1), (1, 0), (0, 2), (2, 0), (1, 1) at shifts 0, 22, 22,
+43, 43, 44 ((1, 2) and (2, 1) sit at 65 and vanish). That is 6 float64 matmuls' worth of work (a_i
+against the digits b_0 .. b_(2-i) side by side), against 10 for four 16-bit limbs. Each digit
+product is at most 2^42 in magnitude and the inner dimension is taken in blocks of K <= 2^11, so
+every partial sum BLAS forms (and the two sums of equal shift added in float64) is an integer of
+magnitude at most 2^53: exact. The result is bit-identical to ``torch.matmul`` on int64
+(``tests/test_ring.py``).
 
 :func:`install` routes CrypTen's Beaver products and its dealer's matmul triples through
 :func:`matmul`; mpc_lm's own products call it directly. The stock-CrypTen baseline
@@ -24,10 +26,11 @@ import types
 
 import torch
 
-LIMB_BITS = 16
-LIMBS = 64 // LIMB_BITS
-MAX_INNER = 1 << 19  # 4 K 2^32 < 2^53
-CHUNK_ELEMENTS = 1 << 23  # entries of b per limb product (its limbs: 4 x 8 bytes each, 256 MiB)
+DIGIT_SHIFTS = (0, 22, 43)  # a = a_0 + a_1 2^22 + a_2 2^43 (mod 2^64)
+DIGIT_BITS = (22, 21, 21)
+MAX_INNER = 1 << 11  # inner dimension per block: K 2^42 <= 2^53
+CHUNK_ELEMENTS = 1 << 23  # entries of b per digit product (its digits: 3 x 8 bytes each, 192 MiB)
+BLOCK_ELEMENTS = 1 << 16  # entries per elementwise pass (int64: 512 KiB, a core's cache)
 
 
 def _fast(a, b) -> bool:
@@ -35,28 +38,46 @@ def _fast(a, b) -> bool:
     return (type(a) is torch.Tensor and type(b) is torch.Tensor
             and a.dtype == torch.int64 and b.dtype == torch.int64
             and a.device.type == "cpu" and b.device.type == "cpu"
-            and a.dim() >= 1 and b.dim() >= 2 and a.size(-1) < MAX_INNER)
+            and a.dim() >= 1 and b.dim() >= 2)
 
 
-def _limb_view(x: torch.Tensor) -> torch.Tensor:
-    """x (..., L) int64 as its 16-bit limbs (..., L, 4), least significant first (a view where x's last
-    dimension is contiguous)."""
-    return x.contiguous().view(torch.uint16).reshape(*x.shape, LIMBS)
+def _digits(x: torch.Tensor):
+    """The signed digits a_0, a_1, a_2 of an int64 tensor (int64 tensors; see the module's docstring).
+    Each is a sign-extending shift pair: a_0 = x's low 22 bits as a signed number, then a_1 the next 21
+    bits of x - a_0, then a_2 the top 21 bits of what remains (exact: the bits below are zero)."""
+    d0 = (x << 42) >> 42
+    y = x - d0  # int64 arithmetic wraps modulo 2^64, as the ring does
+    d1 = (y << 21) >> 43
+    y -= d1 << 22
+    return d0, d1, y >> 43
 
 
-def _left_limbs(a: torch.Tensor) -> torch.Tensor:
-    """(4, *a.shape) float64: a_0 .. a_3."""
-    out = torch.empty((LIMBS, *a.shape), dtype=torch.float64)
-    out.copy_(_limb_view(a).movedim(-1, 0))
+def _blocks(rows: int, width: int):
+    """Row ranges of about BLOCK_ELEMENTS entries: each elementwise pass then stays in the core's cache
+    (one pass over a whole 768 x 3072 operand at a time is ~10x slower on a 2-core EPYC)."""
+    step = max(1, BLOCK_ELEMENTS // max(1, width))
+    return ((s, min(rows, s + step)) for s in range(0, rows, step))
+
+
+def _left_digits(a: torch.Tensor) -> torch.Tensor:
+    """(3, *a.shape) float64: a_0, a_1, a_2."""
+    out = torch.empty((len(DIGIT_BITS), *a.shape), dtype=torch.float64)
+    flat, dst = a.reshape(-1, a.size(-1)), out.view(len(DIGIT_BITS), -1, a.size(-1))
+    for s, e in _blocks(flat.size(0), flat.size(1)):
+        for i, d in enumerate(_digits(flat[s:e])):
+            dst[i, s:e].copy_(d)
     return out
 
 
-def _right_limbs(b: torch.Tensor) -> torch.Tensor:
-    """(..., K, 4 N) float64: the limbs b_0 .. b_3 (..., K, N) side by side, so b_0 .. b_(3-i) is a prefix."""
+def _right_digits(b: torch.Tensor) -> torch.Tensor:
+    """(..., K, 3 N) float64: b_0, b_1, b_2 (..., K, N) side by side, so b_0 .. b_(2-i) is a prefix."""
     *batch, k, n = b.shape
-    out = torch.empty((*batch, k, LIMBS, n), dtype=torch.float64)
-    out.copy_(_limb_view(b).transpose(-1, -2))
-    return out.view(*batch, k, LIMBS * n)
+    out = torch.empty((*batch, k, len(DIGIT_BITS), n), dtype=torch.float64)
+    flat, dst = b.reshape(-1, n), out.view(-1, len(DIGIT_BITS), n)
+    for s, e in _blocks(flat.size(0), n):
+        for i, d in enumerate(_digits(flat[s:e])):
+            dst[s:e, i].copy_(d)
+    return out.view(*batch, k, len(DIGIT_BITS) * n)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -65,26 +86,33 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if not _fast(a, b):
         return torch.matmul(a, b)
     k, n = b.shape[-2:]
-    if k * n > CHUNK_ELEMENTS and n > 1:  # bounded float64 limb copies: column blocks of b
+    if k > MAX_INNER:  # blocks of the inner dimension, summed in the ring
+        out = None
+        for s in range(0, k, MAX_INNER):
+            part = matmul(a[..., s : s + MAX_INNER], b[..., s : s + MAX_INNER, :])
+            out = part if out is None else out.add_(part)
+        return out
+    if k * n > CHUNK_ELEMENTS and n > 1:  # bounded float64 digit copies: column blocks of b
         step = max(1, CHUNK_ELEMENTS // k)
-        return torch.cat([_limb_matmul(a, b[..., i : i + step]) for i in range(0, n, step)], dim=-1)
-    return _limb_matmul(a, b)
+        return torch.cat([_digit_matmul(a, b[..., i : i + step]) for i in range(0, n, step)], dim=-1)
+    return _digit_matmul(a, b)
 
 
-def _limb_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    al, bl = _left_limbs(a), _right_limbs(b)
+def _digit_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    al, bl = _left_digits(a), _right_digits(b)
     n = b.size(-1)
-    by_shift: list = [None] * LIMBS  # float64 sums of the limb products of each shift i + j
-    for i in range(LIMBS):
-        block = torch.matmul(al[i], bl[..., : (LIMBS - i) * n])
-        for j in range(LIMBS - i):
-            part = block[..., j * n : (j + 1) * n]
-            s = i + j
-            by_shift[s] = part if by_shift[s] is None else by_shift[s] + part
-    out = by_shift[0].to(torch.int64)
-    for s in range(1, LIMBS):
-        # the sum stays an exact integer in float64; int64 products wrap modulo 2^64 as the ring does
-        out += by_shift[s].to(torch.int64) * (1 << (LIMB_BITS * s))
+    p0 = torch.matmul(al[0], bl)  # a_0 b_0, a_0 b_1, a_0 b_2
+    p1 = torch.matmul(al[1], bl[..., : 2 * n])  # a_1 b_0, a_1 b_1
+    p2 = torch.matmul(al[2], bl[..., :n])  # a_2 b_0
+    out = torch.empty(p2.shape, dtype=torch.int64)
+    q0, q1, q2, dst = p0.reshape(-1, 3 * n), p1.reshape(-1, 2 * n), p2.reshape(-1, n), out.view(-1, n)
+    for s, e in _blocks(dst.size(0), 3 * n):
+        # float64 values are exact integers; int64 products and sums wrap modulo 2^64 as the ring does
+        r0, r1, r2, o = q0[s:e], q1[s:e], q2[s:e], dst[s:e]
+        o.copy_(r0[:, :n])
+        o += (r0[:, n : 2 * n] + r1[:, :n]).to(torch.int64) << DIGIT_SHIFTS[1]
+        o += (r0[:, 2 * n :] + r2).to(torch.int64) << DIGIT_SHIFTS[2]
+        o += r1[:, n:].to(torch.int64) << (2 * DIGIT_SHIFTS[1])
     return out
 
 

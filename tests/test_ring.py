@@ -33,8 +33,31 @@ def test_limb_product_is_bit_identical(a_size, b_size):
 def test_other_tensors_use_torch():
     x, w = torch.randn(3, 4), torch.randn(4, 2)
     assert torch.equal(ring.matmul(x, w), torch.matmul(x, w))
-    wide = torch.ones(1, ring.MAX_INNER, dtype=torch.int64)
-    assert int(ring.matmul(wide, wide.t())) == ring.MAX_INNER  # past the exact range: int64 torch.matmul
+
+
+def _near_extreme(*size, gen):
+    """Ring values whose digits are a_0 in [-2^21, -2^21 + 2^10), a_1, a_2 in [-2^20, -2^20 + 2^10):
+    digit products near 2^42 with random low bits, so sums of them need all of float64's 53 bits."""
+    def digit(top):
+        return -(1 << top) + torch.randint(0, 1 << 10, size, generator=gen)
+    return digit(21) + digit(20) * (1 << 22) + digit(20) * (1 << 43)  # int64 wraps modulo 2^64
+
+
+@pytest.mark.parametrize("k", [ring.MAX_INNER, 3 * ring.MAX_INNER + 5])
+def test_extreme_digits_stay_exact(k):
+    """Digit products near their bound 2^42, summed over a whole block of the inner dimension."""
+    gen = torch.Generator().manual_seed(k)
+    a, b = _near_extreme(3, k, gen=gen), _near_extreme(k, 4, gen=gen)
+    assert int(ring._digits(a)[0].min()) == -(1 << 21)
+    assert torch.equal(ring.matmul(a, b), torch.matmul(a, b))
+
+
+def test_wider_blocks_would_lose_bits(monkeypatch):
+    """The block bound is tight enough to matter: four times the block width loses exactness."""
+    monkeypatch.setattr(ring, "MAX_INNER", 4 * ring.MAX_INNER)
+    gen = torch.Generator().manual_seed(1)
+    a, b = _near_extreme(3, ring.MAX_INNER, gen=gen), _near_extreme(ring.MAX_INNER, 4, gen=gen)
+    assert not torch.equal(ring.matmul(a, b), torch.matmul(a, b))
 
 
 def test_install_routes_crypten_products_and_uninstall_restores():
@@ -51,7 +74,7 @@ def test_install_routes_crypten_products_and_uninstall_restores():
     assert beaver.torch is torch and ttp_provider.torch is torch
 
 
-def test_column_blocks_bound_the_limb_copies(monkeypatch):
+def test_column_blocks_bound_the_digit_copies(monkeypatch):
     monkeypatch.setattr(ring, "CHUNK_ELEMENTS", 64)
     gen = torch.Generator().manual_seed(5)
     a, b = _ring(3, 2, 16, gen=gen), _ring(16, 37, gen=gen)  # 16 x 37 > 64: columns in blocks of 4
