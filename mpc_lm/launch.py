@@ -4,7 +4,8 @@ Like torchrun's agent: parse -> validated config -> one process per party ->
 a supervisor loop. When one party fails, the others are stopped (SIGTERM,
 then SIGKILL after ``timeouts.shutdown_s``) and the report names the first
 failure as the root cause, with the end of its log. Every wait is bounded
-by ``timeouts.run_s``. Each party's log goes to ``RUN/logs/NAME.log``.
+by ``timeouts.run_s``. Each party's log goes to ``RUN/logs/NAME.log``. The
+parties share this machine's cores (:func:`thread_env`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConsortiumConfig, load_config
+from .config import ConsortiumConfig, Role, load_config
 from .errors import ConfigError, PartyFailure
 from .progress import ENV as PROGRESS_ENV
 
@@ -58,6 +59,28 @@ def _first_error_line(path: Path) -> str:
     return ""
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def thread_env(cfg: ConsortiumConfig, environ: dict, party=None) -> dict:
+    """Torch threads for ``party`` when all parties run on this machine: the computing parties work at
+    the same time (each its own share of every product), so torch's default of every core per process
+    oversubscribes the machine N times and the threads wait on each other; each gets cores // computing
+    parties (at least 1). The dealer keeps every core: it computes while the parties wait (the offline
+    phase) and waits while they compute (the online phase). A user's ``OMP_NUM_THREADS`` stands."""
+    if environ.get("OMP_NUM_THREADS") or (party is not None and party.role == Role.DEALER):
+        return {}
+    n = str(max(1, _cores() // max(1, len(cfg.computing_parties))))
+    return {name: n for name in THREAD_ENV}
+
+
 def _start(cfg: ConsortiumConfig, config_path: Path, run_dir: Path, env: dict, entry=None) -> dict[str, tuple]:
     procs = {}
     for party in cfg.parties:
@@ -65,8 +88,9 @@ def _start(cfg: ConsortiumConfig, config_path: Path, run_dir: Path, env: dict, e
         log_file = log_path.open("w")
         cmd = [*(entry or [sys.executable, "-m", "mpc_lm.cli", "party"]), str(config_path), "--name", party.name,
                "--result", str(run_dir / f"{party.name}.json")]
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                env={**env, **thread_env(cfg, env, party)}, start_new_session=True,
+                                stdin=subprocess.DEVNULL)
         procs[party.name] = (proc, log_path, log_file)
     return procs
 

@@ -46,7 +46,7 @@ def run_party(config_path: str, name: str, result_path: str | None = None, log_l
             else:
                 summary = (job or jobs.job_for(cfg.job.kind))(ctx)
             summary.update(party=name, role=ctx.role.value, rank=ctx.rank, device=str(ctx.device),
-                           traffic_total=ctx.comm.traffic.snapshot())
+                           torch_threads=torch.get_num_threads(), traffic_total=ctx.comm.traffic.snapshot())
             if audit is not None:
                 _dump_audit(Path(audit_dir), name, audit)
     except MpcLmError as err:

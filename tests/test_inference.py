@@ -88,6 +88,27 @@ def test_weight_masks_open_each_weight_once_per_model(tmp_path, tiny_models, def
     assert runs[False][1] - runs[True][1] == 8 * runs[True][2]["elements"]
 
 
+def test_parties_share_the_machines_cores(default_run, monkeypatch):
+    """The launcher gives each computing party cores // computing parties threads (docs/performance.md
+    lever 15): two computing parties on this machine no longer run 2 x cores threads. The dealer keeps
+    torch's default (every core)."""
+    import os
+
+    from mpc_lm import launch as launch_mod
+
+    run = default_run("bert")
+    cfg = run.config
+    expected = int(os.environ.get("OMP_NUM_THREADS") or launch_mod.thread_env(cfg, {})["OMP_NUM_THREADS"])
+    assert {p.name: run.results[p.name]["torch_threads"] for p in cfg.computing_parties} == \
+        {p.name: expected for p in cfg.computing_parties}
+    assert launch_mod.thread_env(cfg, {}, cfg.dealer) == {}
+    monkeypatch.setattr(launch_mod, "_cores", lambda: 16)
+    assert launch_mod.thread_env(cfg, {}) == {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"}
+    monkeypatch.setattr(launch_mod, "_cores", lambda: 1)
+    assert launch_mod.thread_env(cfg, {})["OMP_NUM_THREADS"] == "1"
+    assert launch_mod.thread_env(cfg, {"OMP_NUM_THREADS": "3"}) == {}  # the user's setting stands
+
+
 def test_three_parties_and_two_data_owners(tmp_path, tiny_models):
     cfg = write_config(tmp_path, tiny_models["bert"], data_owners=("hospital", "clinic"),
                        extra_parties=[{"name": "cloud", "role": "compute"}])

@@ -167,10 +167,11 @@ def run_mode(spec: dict, mode: str, texts: list[str], labels: list[int], model_d
         acc["bytes"] = acc["online_bytes"] + acc["offline_bytes"]
         acc["peak_host_mb"] = run.results.get(name, {}).get("peak_host_mb")
         acc["peak_gpu_mb"] = run.results.get(name, {}).get("peak_gpu_mb")
+        acc["torch_threads"] = run.results.get(name, {}).get("torch_threads")
     dealer = run.config.dealer
     if dealer is not None:
-        parties[dealer.name] = {"peak_host_mb": run.results.get(dealer.name, {}).get("peak_host_mb"),
-                                "peak_gpu_mb": run.results.get(dealer.name, {}).get("peak_gpu_mb")}
+        parties[dealer.name] = {key: run.results.get(dealer.name, {}).get(key)
+                                for key in ("peak_host_mb", "peak_gpu_mb", "torch_threads")}
     computing = [p for n_, p in parties.items() if dealer is None or n_ != dealer.name]
     busiest = max(computing, key=lambda p: p["bytes"])
     setup = max((r.get("share_weights", {}).get("wall_s", 0.0) for r in run.results.values()), default=0.0)
