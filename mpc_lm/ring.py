@@ -53,8 +53,9 @@ def _digits(x: torch.Tensor):
 
 
 def _blocks(rows: int, width: int):
-    """Row ranges of about BLOCK_ELEMENTS entries: each elementwise pass then stays in the core's cache
-    (one pass over a whole 768 x 3072 operand at a time is ~10x slower on a 2-core EPYC)."""
+    """Row ranges of about BLOCK_ELEMENTS entries: each elementwise pass then reuses small cached
+    temporaries instead of allocating weight-sized ones, which the OS faults in page by page
+    (docs/performance.md, lever 15)."""
     step = max(1, BLOCK_ELEMENTS // max(1, width))
     return ((s, min(rows, s + step)) for s in range(0, rows, step))
 

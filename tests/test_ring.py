@@ -22,7 +22,7 @@ def _ring(*size, gen):
     ((48,), (48, 80)),                # a vector
     ((2, 4, 30522), (30522, 8)),      # a one-hot embedding over a BERT vocabulary
 ])
-def test_limb_product_is_bit_identical(a_size, b_size):
+def test_digit_product_is_bit_identical(a_size, b_size):
     gen = torch.Generator().manual_seed(sum(a_size) + sum(b_size))
     a, b = _ring(*a_size, gen=gen), _ring(*b_size, gen=gen)
     a.view(-1)[:2] = torch.tensor([LO, HI])  # the ring's extremes
@@ -72,6 +72,15 @@ def test_install_routes_crypten_products_and_uninstall_restores():
     finally:
         ring.uninstall()
     assert beaver.torch is torch and ttp_provider.torch is torch
+
+
+@pytest.mark.parametrize("a_size,b_size", [((2, 3, 16, 8), (2, 3, 8, 16)), ((5, 48), (48, 37)), ((48,), (48, 5))])
+def test_cache_blocks_do_not_change_the_product(monkeypatch, a_size, b_size):
+    """Digits and recombination in blocks of 7 entries' rows (block edges inside batches and rows)."""
+    monkeypatch.setattr(ring, "BLOCK_ELEMENTS", 7)
+    gen = torch.Generator().manual_seed(11)
+    a, b = _ring(*a_size, gen=gen), _ring(*b_size, gen=gen)
+    assert torch.equal(ring.matmul(a, b), torch.matmul(a, b))
 
 
 def test_column_blocks_bound_the_digit_copies(monkeypatch):
