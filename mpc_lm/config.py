@@ -165,6 +165,9 @@ class Preprocessing(_Strict):
     weight_masks: bool = Field(
         True, description="open each weight's Beaver mask once per model instead of once per product "
                           "(inference and generation with the dealer; mpc_lm/premask.py)")
+    reuse_segments: bool = Field(
+        True, description="plan each repeated transformer layer once per offline dry run and reuse its "
+                          "dealer requests for the others (mpc_lm/offline.py segment); false plans every layer")
 
 
 class Generation(_Strict):

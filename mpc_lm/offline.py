@@ -18,6 +18,7 @@ requests tell it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -25,6 +26,7 @@ from collections import deque
 from contextlib import contextmanager
 
 import torch
+from pydantic import BaseModel
 
 from ._compat import import_crypten, plain_ring
 
@@ -348,6 +350,76 @@ def _dry():
             table.pop(meta, None)
 
 
+# ---------------------------------------------------------------- repeated segments of a plan
+
+
+# During a dry run: a segment's signature -> (its requests, their result sizes, the premasked
+# weights' ids it was given, its shape-only result); None outside a dry run.
+_SEGMENTS: dict | None = None
+
+
+def _signature(obj, wids: list):
+    """What a segment's requests can depend on: the shapes and encodings of its secret inputs, the
+    values of its public ones. Appends the ids of the premasked weights it meets to ``wids``, in a
+    fixed order (two arguments with one signature list their weights in corresponding order)."""
+    from crypten.mpc import MPCTensor
+
+    from .premask import MaskedWeight
+
+    if isinstance(obj, MPCTensor):
+        return ("s", type(obj._tensor).__name__, tuple(obj.size()), obj.encoder.scale)
+    if isinstance(obj, MaskedWeight):
+        wids.append(obj.wid)
+        return ("w", tuple(obj.size()), obj.transposed, obj.encoder.scale)
+    if isinstance(obj, torch.Tensor):
+        return ("t", tuple(obj.size()), obj.dtype)
+    if isinstance(obj, dict):
+        return ("d", tuple((k, _signature(obj[k], wids)) for k in sorted(obj)))
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, tuple(_signature(v, wids) for v in obj))
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, BaseModel) or (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
+        return repr(obj)  # a configuration (Approximations, an architecture): all public values
+    raise TypeError(f"offline.segment cannot tell what its requests depend on from a {type(obj).__name__}")
+
+
+def segment(name: str, fn, *args):
+    """``fn(*args)``, where ``fn`` is a repeated part of a computation (one transformer layer).
+
+    Outside an offline plan's dry run this is exactly ``fn(*args)``. Inside one, the first
+    segment with a given ``name`` and argument signature runs (on shape-only tensors) and its
+    requests are remembered; a later segment with the same signature does not run again: its
+    requests are the remembered ones, each premasked weight's id replaced by the corresponding
+    weight's id among this segment's arguments, and its result is a shape-only copy of the first
+    one's. ``fn`` must read nothing secret but its arguments (a layer's weights are passed in, not
+    looked up in the whole model), and must have no effect but its result.
+    """
+    provider = install()
+    if _SEGMENTS is None or provider.mode != "record":
+        return fn(*args)
+    wids: list = []
+    key = (name, _signature(args, wids))
+    known = _SEGMENTS.get(key)
+    if known is None:
+        start = len(provider.requests)
+        result = fn(*args)
+        requests, sizes = provider.requests[start:], provider.result_sizes[start:]
+        for function, _, req_args, _ in requests:
+            if function == "masked" and req_args[1] not in wids:
+                raise RuntimeError(f"offline.segment {name!r} used a premasked weight that is not among its arguments")
+        _SEGMENTS[key] = (requests, sizes, wids, result)
+        return result
+    requests, sizes, first_wids, result = known
+    renamed = dict(zip(first_wids, wids))
+    for function, device, req_args, kwargs in requests:
+        if function == "masked":
+            req_args = (req_args[0], renamed[req_args[1]], *req_args[2:])
+        provider.requests.append((function, device, req_args, kwargs))
+    provider.result_sizes.extend(sizes)
+    return _meta(result)
+
+
 # ---------------------------------------------------------------- the phase
 
 
@@ -437,6 +509,24 @@ def _meta(obj):
     return obj
 
 
+def plan(fn, args, reuse_segments: bool = True) -> tuple[list, list]:
+    """The dealer requests ``fn(*args)`` will make and their result sizes, by a dry run on shape-only
+    copies of ``args`` (nothing computed, nothing sent); ``reuse_segments``: repeated segments
+    (:func:`segment`) are planned once."""
+    global _SEGMENTS
+    provider = install()
+    provider.mode, provider.requests, provider.result_sizes = "record", [], []
+    provider.plan_device = _device_of(args)
+    _SEGMENTS = {} if reuse_segments else None
+    try:
+        with _dry():
+            fn(*_meta(args))
+        return provider.requests, provider.result_sizes
+    finally:
+        provider.mode, _SEGMENTS = "pass", None
+        provider.requests, provider.result_sizes = [], []
+
+
 def run(cfg, key, fn, *args):
     """``fn(*args)`` with its dealer randomness fetched beforehand; returns (result, offline stats).
 
@@ -452,14 +542,7 @@ def run(cfg, key, fn, *args):
     started = time.perf_counter()
     planned = key in _PLANS
     if not planned:
-        provider.mode, provider.requests, provider.result_sizes = "record", [], []
-        provider.plan_device = _device_of(args)
-        try:
-            with _dry():
-                fn(*_meta(args))
-        finally:
-            provider.mode = "pass"
-        _PLANS[key] = (provider.requests, provider.result_sizes)
+        _PLANS[key] = plan(fn, args, cfg.preprocessing.reuse_segments)
     requests, sizes = _PLANS[key]
     plan_s = time.perf_counter() - started
     chunks = 0

@@ -63,3 +63,90 @@ def test_a_planned_chunk_may_name_only_the_dealer_functions(function):
                                                                   (function, "cpu", ((2,),), {})]}
     with pytest.raises(RuntimeError, match="unknown planned request"):
         offline.serve_plan(object(), message)
+
+
+def _planning_model(shapes: dict, extra=("emb.word",)):
+    """Shape-only secret parameters of these shapes, the matrices premasked (ids 0, 1, ... by name order)."""
+    from mpc_lm import premask
+
+    names = premask.matmul_names(shapes, extra)
+    p = {n: offline._meta(crypten.cryptensor(torch.zeros(s))) for n, s in shapes.items()}
+    for wid, n in enumerate(names):
+        empty = torch.empty(shapes[n], dtype=torch.long, device="meta")
+        p[n] = premask.MaskedWeight(wid, p[n], empty, empty)
+    return p
+
+
+@pytest.fixture
+def _dealer():
+    """CrypTen's TTP provider is the planned dealer (as in every party with a dealer)."""
+    offline.install()
+    before = crypten.cfg.mpc.provider
+    crypten.cfg.mpc.provider = "TTP"
+    yield
+    crypten.cfg.mpc.provider = before
+
+
+@pytest.mark.parametrize("task, labels", [("sequence-classification", 3), ("embedding", 0)])
+def test_reused_layer_plans_equal_the_full_plan(_dealer, task, labels):
+    """A plan that records one encoder layer and reuses it for the others lists exactly the requests
+    (functions, sizes, the premasked weight each product uses) of a plan that runs every layer."""
+    from mpc_lm.config import Approximations
+    from mpc_lm.models import encoders
+
+    arch = encoders.EncoderArch(family="bert", task=task, vocab_size=50, hidden=16, layers=4, heads=2,
+                                intermediate=32, max_positions=20, position_offset=0, type_vocab=2, eps=1e-12,
+                                act="gelu", num_labels=labels)
+    p = _planning_model(encoders.param_shapes(arch))
+    one_hot = crypten.cryptensor(torch.zeros(2, 7, 50))
+    mask = crypten.cryptensor(torch.ones(2, 7))
+    args = (p, one_hot, mask, arch, Approximations())
+    full, full_sizes = offline.plan(encoders.forward, args, reuse_segments=False)
+    reused, reused_sizes = offline.plan(encoders.forward, args, reuse_segments=True)
+    assert reused == full and reused_sizes == full_sizes
+    used = [req[2][1] for req in full if req[0] == "masked"]
+    assert len(set(used)) > arch.layers * 3  # every layer's own weights, not the first layer's again
+
+
+@pytest.mark.parametrize("family, kv_cache", [("gpt2", True), ("gpt2", False), ("llama", True)])
+def test_reused_layer_plans_equal_the_full_plan_of_a_generation(_dealer, family, kv_cache):
+    """The same for a whole generation (prefill and steps, keys and values cached per layer)."""
+    from mpc_lm.causal_job import generate_batch
+    from mpc_lm.config import Approximations, Generation
+    from mpc_lm.models import causal
+
+    llama = family == "llama"
+    arch = causal.CausalArch(family=family, vocab_size=40, hidden=16, layers=3, heads=4, kv_heads=2 if llama else 4,
+                             head_dim=4, intermediate=24, max_positions=16, eps=1e-5, act="silu" if llama else "gelu_new",
+                             tied=not llama, qkv_bias=not llama, mlp_bias=not llama,
+                             inv_freq=(1.0, 0.1) if llama else ())
+    p = _planning_model(causal.family_module(family).param_shapes(arch), ("emb.word", "emb.pos"))
+    one_hot = crypten.cryptensor(torch.zeros(2, 5, 40))
+    mask = crypten.cryptensor(torch.ones(2, 8))
+    pos = None if llama else crypten.cryptensor(torch.zeros(2, 8, 16))
+    gen = Generation(max_new_tokens=3, kv_cache=kv_cache)
+
+    def generate(p, o, m, q):
+        return generate_batch(p, o, m, q, arch, Approximations(), gen, 0, 1, torch.device("cpu"))
+
+    args = (p, one_hot, mask, pos)
+    full, full_sizes = offline.plan(generate, args, reuse_segments=False)
+    reused, reused_sizes = offline.plan(generate, args, reuse_segments=True)
+    assert reused == full and reused_sizes == full_sizes
+    assert len({req[2][1] for req in full if req[0] == "masked"}) > arch.layers * 3
+
+
+def test_a_segment_that_reads_weights_it_was_not_given_is_refused(_dealer):
+    """A segment must get the weights it multiplies by as arguments: a weight it finds elsewhere would
+    be planned with the first segment's id for every later one."""
+    from mpc_lm import premask
+
+    meta = torch.empty(4, 4, dtype=torch.long, device="meta")
+    hidden = premask.MaskedWeight(9, offline._meta(crypten.cryptensor(torch.zeros(4, 4))), meta, meta)
+    x = crypten.cryptensor(torch.zeros(2, 4))
+
+    def body(x):
+        return offline.segment("leaky", lambda y: premask.mm(y, hidden), x)
+
+    with pytest.raises(RuntimeError, match="not among its arguments"):
+        offline.plan(body, (x,))

@@ -24,12 +24,13 @@ and each decoding step processes one slot.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .. import approx, approx_causal, layers
+from .. import approx, layers, offline
 from ..config import Approximations
 
 # RMSNorm / LayerNorm input ranges for the inverse square root's first guess.
@@ -197,6 +198,31 @@ def attention(x, p: dict, prefix: str, arch: CausalArch, ap: Approximations, key
                                                               ap.reciprocal_iterations, ap.guess_steps_per_octave,
                                                               ap.max_arity, ap.exp, ap.first_guess == "linear"))
     return layers.linear(context, p[f"{prefix}.out.weight"], p.get(f"{prefix}.out.bias"))
+
+
+def run_layers(block, p: dict, x, key_mask, arch: CausalArch, ap: Approximations, start: int,
+               cache: KVCache | None):
+    """``x`` after every layer, ``block(x, w, key_mask, arch, ap, start, layer_cache)`` each with its weights
+    ``w`` (named without the ``l{n}.`` prefix) and a one-layer view of ``cache``. An offline plan records one
+    layer and reuses its dealer requests for the others (mpc_lm/offline.py segment)."""
+    for n in range(arch.layers):
+        w = {k[len(f"l{n}."):]: v for k, v in p.items() if k.startswith(f"l{n}.")}
+        k, v = (cache.k[n], cache.v[n]) if cache is not None else (None, None)
+        x, k, v = offline.segment(f"{arch.family}-layer", functools.partial(_layer, block), x, w, key_mask, arch,
+                                  ap, start, cache is not None, k, v)
+        if cache is not None:
+            cache.k[n], cache.v[n] = k, v
+    return x
+
+
+def _layer(block, x, w: dict, key_mask, arch: CausalArch, ap: Approximations, start: int, cached: bool, k, v):
+    """``block`` on one layer, its cached keys and values passed in and returned (no effect elsewhere)."""
+    one = None
+    if cached:
+        one = KVCache(1)
+        one.k[0], one.v[0] = k, v
+    x = block(x, w, key_mask, arch, ap, start, one)
+    return (x, one.k[0], one.v[0]) if cached else (x, None, None)
 
 
 def forward_hidden(p: dict, one_hot, key_mask, arch: CausalArch, ap: Approximations, start: int = 0,

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .. import approx, layers
+from .. import layers, offline
 from ..config import Approximations
 from ..errors import ModelError
 
@@ -199,18 +199,18 @@ def encode(p: dict, one_hot, mask, arch: EncoderArch, ap: Approximations, pool: 
     x = x + p["emb.pos"][arch.position_offset : arch.position_offset + seq]
     if "emb.type" in p:
         x = x + p["emb.type"][0]  # single-segment input: token type 0 (public)
-    x, qkv = layers.layer_norm_linear(x, p["emb.ln.weight"], p["emb.ln.bias"], arch.eps,
-                                      p["l0.attn.qkv.weight"], p["l0.attn.qkv.bias"], ap)
+    # The layers repeat: an offline plan records one block and one norm-and-projection edge and reuses
+    # their dealer requests for the others (mpc_lm/offline.py segment); online they simply run.
+    x, qkv = offline.segment("norm-linear", layers.layer_norm_linear, x, p["emb.ln.weight"], p["emb.ln.bias"],
+                             arch.eps, p["l0.attn.qkv.weight"], p["l0.attn.qkv.bias"], ap)
     key_mask = mask.unsqueeze(1).unsqueeze(1)
     for n in range(arch.layers):
-        attn = layers.self_attention(x, key_mask, p, f"l{n}.attn", arch.heads, ap, qkv=qkv)
-        x, h = layers.layer_norm_linear(x + attn, p[f"l{n}.ln1.weight"], p[f"l{n}.ln1.bias"], arch.eps,
-                                        p[f"l{n}.ff1.weight"], p[f"l{n}.ff1.bias"], ap)
-        h = layers.linear(layers.activation(h, arch.act, ap), p[f"l{n}.ff2.weight"], p[f"l{n}.ff2.bias"])
-        ln = (x + h, p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"])
+        w = {k[len(f"l{n}."):]: v for k, v in p.items() if k.startswith(f"l{n}.")}
+        ln = (offline.segment("encoder-block", _block, x, qkv, key_mask, w, arch.heads, arch.eps, arch.act, ap),
+              p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"])
         if n < arch.layers - 1:
-            x, qkv = layers.layer_norm_linear(*ln, arch.eps, p[f"l{n + 1}.attn.qkv.weight"],
-                                              p[f"l{n + 1}.attn.qkv.bias"], ap)
+            x, qkv = offline.segment("norm-linear", layers.layer_norm_linear, *ln, arch.eps,
+                                     p[f"l{n + 1}.attn.qkv.weight"], p[f"l{n + 1}.attn.qkv.bias"], ap)
         elif pool:
             return layers.layer_norm_mean_pool(*ln, mask, arch.eps, ap)
         elif then is not None:
@@ -219,6 +219,15 @@ def encode(p: dict, one_hot, mask, arch: EncoderArch, ap: Approximations, pool: 
         else:
             x = layers.layer_norm(*ln, arch.eps, ap)
     return layers.mean_pool(x, mask, ap) if pool else x
+
+
+def _block(x, qkv, key_mask, w: dict, heads: int, eps: float, act: str, ap: Approximations):
+    """One encoder layer up to its second LayerNorm's input: attention (``qkv``: its fused projection, already
+    made), the first LayerNorm fused with FF1, the activation, FF2. ``w``: the layer's weights, named without
+    its ``l{n}.`` prefix."""
+    attn = layers.self_attention(x, key_mask, w, "attn", heads, ap, qkv=qkv)
+    x, h = layers.layer_norm_linear(x + attn, w["ln1.weight"], w["ln1.bias"], eps, w["ff1.weight"], w["ff1.bias"], ap)
+    return x + layers.linear(layers.activation(h, act, ap), w["ff2.weight"], w["ff2.bias"])
 
 
 def head(p: dict, hidden, mask, arch: EncoderArch, ap: Approximations, pre=None):

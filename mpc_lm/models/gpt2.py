@@ -91,13 +91,17 @@ def hidden_states(p, one_hot, key_mask, arch: CausalArch, ap: Approximations, st
     if pos_one_hot is None:
         raise ValueError("GPT-2 needs the secret position one-hots")
     x = layers.embed_tokens(one_hot, p["emb.word"]) + layers.embed_tokens(pos_one_hot, p["emb.pos"])
-    for n in range(arch.layers):
-        a = causal.layer_norm(x, p[f"l{n}.ln1.weight"], p[f"l{n}.ln1.bias"], arch.eps, ap)
-        x = x + causal.attention(a, p, f"l{n}.attn", arch, ap, key_mask, start, cache, n)
-        m = causal.layer_norm(x, p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"], arch.eps, ap)
-        m = layers.activation(layers.linear(m, p[f"l{n}.ff1.weight"], p[f"l{n}.ff1.bias"]), arch.act, ap)
-        x = x + layers.linear(m, p[f"l{n}.ff2.weight"], p[f"l{n}.ff2.bias"])
-    return x
+    return causal.run_layers(block, p, x, key_mask, arch, ap, start, cache)
+
+
+def block(x, w: dict, key_mask, arch: CausalArch, ap: Approximations, start: int, cache):
+    """One GPT-2 layer (pre-norm attention and MLP); ``w``: its weights without the ``l{n}.`` prefix,
+    ``cache``: this layer's keys and values (a one-layer :class:`causal.KVCache`) or None."""
+    a = causal.layer_norm(x, w["ln1.weight"], w["ln1.bias"], arch.eps, ap)
+    x = x + causal.attention(a, w, "attn", arch, ap, key_mask, start, cache, 0)
+    m = causal.layer_norm(x, w["ln2.weight"], w["ln2.bias"], arch.eps, ap)
+    m = layers.activation(layers.linear(m, w["ff1.weight"], w["ff1.bias"]), arch.act, ap)
+    return x + layers.linear(m, w["ff2.weight"], w["ff2.bias"])
 
 
 def head(p, hidden, arch: CausalArch, ap: Approximations):

@@ -102,22 +102,27 @@ def canonical_state(hf: dict[str, torch.Tensor], arch: CausalArch, hf_config=Non
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def mlp(x, p, n: int, arch: CausalArch):
-    """down(silu(gate(x)) * up(x)). Cost: 1 (fused gate/up) + silu (C + 6) + 1 + 1 rounds."""
-    gu = layers.linear(x, p[f"l{n}.mlp.gate_up.weight"], p.get(f"l{n}.mlp.gate_up.bias"))
+def mlp(x, w: dict, arch: CausalArch):
+    """down(silu(gate(x)) * up(x)) with a layer's weights ``w`` (no ``l{n}.`` prefix).
+    Cost: 1 (fused gate/up) + silu (C + 6) + 1 + 1 rounds."""
+    gu = layers.linear(x, w["mlp.gate_up.weight"], w.get("mlp.gate_up.bias"))
     i = arch.intermediate
     hidden = approx_causal.silu(gu[..., :i]) * gu[..., i:]
-    return layers.linear(hidden, p[f"l{n}.mlp.down.weight"], p.get(f"l{n}.mlp.down.bias"))
+    return layers.linear(hidden, w["mlp.down.weight"], w.get("mlp.down.bias"))
 
 
 def hidden_states(p, one_hot, key_mask, arch: CausalArch, ap: Approximations, start, cache, pos_one_hot=None):
     x = layers.embed_tokens(one_hot, p["emb.word"])
-    for n in range(arch.layers):
-        a = causal.rms_norm(x, p[f"l{n}.ln1.weight"], arch.eps, ap)
-        x = x + causal.attention(a, p, f"l{n}.attn", arch, ap, key_mask, start, cache, n)
-        m = causal.rms_norm(x, p[f"l{n}.ln2.weight"], arch.eps, ap)
-        x = x + mlp(m, p, n, arch)
-    return x
+    return causal.run_layers(block, p, x, key_mask, arch, ap, start, cache)
+
+
+def block(x, w: dict, key_mask, arch: CausalArch, ap: Approximations, start: int, cache):
+    """One Llama layer (RMSNorm, grouped-query attention with RoPE, gated MLP); ``w``: its weights
+    without the ``l{n}.`` prefix, ``cache``: this layer's keys and values (one-layer) or None."""
+    a = causal.rms_norm(x, w["ln1.weight"], arch.eps, ap)
+    x = x + causal.attention(a, w, "attn", arch, ap, key_mask, start, cache, 0)
+    m = causal.rms_norm(x, w["ln2.weight"], arch.eps, ap)
+    return x + mlp(m, w, arch)
 
 
 def head(p, hidden, arch: CausalArch, ap: Approximations):
