@@ -1,9 +1,10 @@
-"""Time one ring product at BERT-base shapes: int64 ``torch.matmul`` against ``mpc_lm.ring.matmul``.
+"""Time one ring product at BERT-base shapes: int64 ``torch.matmul`` against the float64 digits of
+``mpc_lm.ring``, and say which one ``ring.choose("auto")`` picks on this machine.
 
     python benchmarks/ring_matmul.py [--json PATH]
 
 Prints, per shape, the seconds of one product each way (the best of ``--repeat``) and checks that
-the two results are bit-identical (docs/performance.md, lever 13).
+the two results are bit-identical (docs/performance.md, levers 13, 15 and 17).
 """
 
 from __future__ import annotations
@@ -41,14 +42,18 @@ def main() -> None:
     for name, (m, k, n) in SHAPES.items():
         a = torch.randint(-(2**63), 2**63 - 1, (m, k), generator=gen)
         b = torch.randint(-(2**63), 2**63 - 1, (k, n), generator=gen)
-        same = torch.equal(torch.matmul(a, b), ring.matmul(a, b))
+        same = torch.equal(torch.matmul(a, b), ring._blas_matmul(a, b))
         row = {"product": name, "int64_s": _best(lambda: torch.matmul(a, b), args.repeat),
-               "ring_s": _best(lambda: ring.matmul(a, b), args.repeat), "bit_identical": same}
+               "ring_s": _best(lambda: ring._blas_matmul(a, b), args.repeat), "bit_identical": same}
         rows.append(row)
-        print(f"{name:42s} int64 {row['int64_s']:7.3f} s   ring.matmul {row['ring_s']:6.3f} s   identical: {same}")
+        print(f"{name:42s} int64 {row['int64_s']:7.3f} s   digits {row['ring_s']:6.3f} s   identical: {same}")
+    chosen = ring.choose("auto")
+    print(f"ring.choose('auto') on this machine: {chosen} {ring.PRODUCTS['measured']}")
     if args.json:
         doc = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
-                           "threads": torch.get_num_threads()}, "rows": rows}
+                           "threads": torch.get_num_threads(),
+                           "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+               "auto": {"method": chosen, **ring.PRODUCTS["measured"]}, "rows": rows}
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
 
 

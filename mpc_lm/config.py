@@ -141,6 +141,11 @@ class Approximations(_Strict):
         "except that the comparisons whose result may flip within 2^-6 of the threshold (GELU/tanh pieces, "
         "pairwise steps of the row max) read bits 10..25 of the shares in four 16-bit lanes per word (|x| < 512; "
         "6 rounds, ~2.2x fewer bytes than packed32); crypten: CrypTen's 64-bit circuit (any party count and range)")
+    ring_products: Literal["auto", "digits", "int64"] = Field(
+        "auto", description="how CPU ring products are computed (exact and bit-identical either way; only the "
+        "speed differs): digits = three float64 BLAS digit products (fast where int64 multiplies are not "
+        "vectorised), int64 = torch's int64 matmul (fast with AVX-512), auto = the faster of the two, timed "
+        "once per process (mpc_lm/ring.py, docs/performance.md lever 17)")
     max_arity: Literal[2, 4] = Field(4, description="softmax row max: 2 = binary tournament (C+1 rounds "
                                      "per level), 4 = groups of four (C+2 rounds per level, half the levels)")
     mode: Literal["mpc_lm", "crypten"] = Field(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import dealer, jobs, transport
+from . import dealer, jobs, ring, transport
 from .config import Role, load_config
 from .errors import MpcLmError, PartyFailure
 from .runtime import party_session
@@ -46,7 +46,8 @@ def run_party(config_path: str, name: str, result_path: str | None = None, log_l
             else:
                 summary = (job or jobs.job_for(cfg.job.kind))(ctx)
             summary.update(party=name, role=ctx.role.value, rank=ctx.rank, device=str(ctx.device),
-                           torch_threads=torch.get_num_threads(), traffic_total=ctx.comm.traffic.snapshot())
+                           torch_threads=torch.get_num_threads(), ring_products=ring.PRODUCTS["method"],
+                           traffic_total=ctx.comm.traffic.snapshot())
             if audit is not None:
                 _dump_audit(Path(audit_dir), name, audit)
     except MpcLmError as err:

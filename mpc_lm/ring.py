@@ -81,16 +81,61 @@ def _right_digits(b: torch.Tensor) -> torch.Tensor:
     return out.view(*batch, k, len(DIGIT_BITS) * n)
 
 
+# How CPU ring products are made in this process: "digits" (float64 BLAS, below) or "int64"
+# (torch.matmul); None: not decided yet (measured on first use, :func:`choose`).
+PRODUCTS: dict = {"method": None, "measured": None}
+
+
+def _time(f, a, b, repeat: int = 3) -> float:
+    import time
+
+    f(a, b)
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        f(a, b)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def choose(method: str = "auto") -> str:
+    """Set how this process makes CPU ring products: ``digits``, ``int64``, or ``auto`` (the faster of
+    the two on one 32 x 512 @ 512 x 512 product, the best of 3 each: a few ms to ~0.1 s once per
+    process). Both are exact and bit-identical; only the speed differs, and by machine: where the
+    CPU has 64-bit vector multiplies (AVX-512) torch's int64 kernel is 4-15x faster than the digits,
+    elsewhere it can be 10x slower (docs/performance.md, lever 17)."""
+    if method == "auto":
+        a = torch.randint(-(2**62), 2**62, (32, 512))
+        b = torch.randint(-(2**62), 2**62, (512, 512))
+        t_int64, t_digits = _time(torch.matmul, a, b), _time(_digit_matmul, a, b)
+        PRODUCTS["measured"] = {"int64_s": round(t_int64, 6), "digits_s": round(t_digits, 6)}
+        method = "int64" if t_int64 <= t_digits else "digits"
+    elif method not in ("digits", "int64"):
+        raise ValueError(f"ring products {method!r}: auto, digits or int64")
+    PRODUCTS["method"] = method
+    return method
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch.matmul(a, b)`` of int64 ring tensors modulo 2^64, on float64 BLAS for CPU tensors
-    (bit-identical); anything else goes to ``torch.matmul``."""
+    """``torch.matmul(a, b)`` of int64 ring tensors modulo 2^64, on float64 BLAS digits for CPU tensors
+    where that is faster on this machine (:func:`choose`; bit-identical); anything else goes to
+    ``torch.matmul``."""
     if not _fast(a, b):
         return torch.matmul(a, b)
+    if PRODUCTS["method"] is None:
+        choose("auto")
+    if PRODUCTS["method"] == "int64":
+        return torch.matmul(a, b)
+    return _blas_matmul(a, b)
+
+
+def _blas_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`matmul` on float64 BLAS digits, whatever :func:`choose` decided."""
     k, n = b.shape[-2:]
     if k > MAX_INNER:  # blocks of the inner dimension, summed in the ring
         out = None
         for s in range(0, k, MAX_INNER):
-            part = matmul(a[..., s : s + MAX_INNER], b[..., s : s + MAX_INNER, :])
+            part = _blas_matmul(a[..., s : s + MAX_INNER], b[..., s : s + MAX_INNER, :])
             out = part if out is None else out.add_(part)
         return out
     if k * n > CHUNK_ELEMENTS and n > 1:  # bounded float64 digit copies: column blocks of b

@@ -102,6 +102,8 @@ def test_parties_share_the_machines_cores(default_run, monkeypatch):
     assert {p.name: run.results[p.name]["torch_threads"] for p in cfg.computing_parties} == \
         {p.name: expected for p in cfg.computing_parties}
     assert launch_mod.thread_env(cfg, {}, cfg.dealer) == {}
+    # each computing party timed its ring products' two methods and kept one (approx.ring_products: auto)
+    assert {run.results[p.name]["ring_products"] for p in cfg.computing_parties} <= {"digits", "int64"}
     monkeypatch.setattr(launch_mod, "_cores", lambda: 16)
     assert launch_mod.thread_env(cfg, {}) == {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"}
     monkeypatch.setattr(launch_mod, "_cores", lambda: 1)

@@ -11,6 +11,12 @@ import_crypten()
 LO, HI = -(2**63), 2**63 - 1
 
 
+@pytest.fixture(autouse=True)
+def _digits(monkeypatch):
+    """The digit products under test, whatever this machine's measured choice is (ring.choose)."""
+    monkeypatch.setitem(ring.PRODUCTS, "method", "digits")
+
+
 def _ring(*size, gen):
     return torch.randint(LO, HI, size, dtype=torch.int64, generator=gen)
 
@@ -88,3 +94,19 @@ def test_column_blocks_bound_the_digit_copies(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     a, b = _ring(3, 2, 16, gen=gen), _ring(16, 37, gen=gen)  # 16 x 37 > 64: columns in blocks of 4
     assert torch.equal(ring.matmul(a, b), torch.matmul(a, b))
+
+
+def test_the_product_method_is_chosen_by_measurement_and_either_is_exact(monkeypatch):
+    """auto times both methods once and keeps the faster; both give torch's int64 product."""
+    monkeypatch.setitem(ring.PRODUCTS, "method", None)
+    gen = torch.Generator().manual_seed(3)
+    a, b = _ring(6, 40, gen=gen), _ring(40, 9, gen=gen)
+    assert torch.equal(ring.matmul(a, b), torch.matmul(a, b))  # first use decides
+    measured = ring.PRODUCTS["measured"]
+    faster = "int64" if measured["int64_s"] <= measured["digits_s"] else "digits"
+    assert ring.PRODUCTS["method"] == faster
+    for method in ("digits", "int64"):
+        assert ring.choose(method) == method
+        assert torch.equal(ring.matmul(a, b), torch.matmul(a, b))
+    with pytest.raises(ValueError, match="auto, digits or int64"):
+        ring.choose("float32")

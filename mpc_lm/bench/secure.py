@@ -168,10 +168,11 @@ def run_mode(spec: dict, mode: str, texts: list[str], labels: list[int], model_d
         acc["peak_host_mb"] = run.results.get(name, {}).get("peak_host_mb")
         acc["peak_gpu_mb"] = run.results.get(name, {}).get("peak_gpu_mb")
         acc["torch_threads"] = run.results.get(name, {}).get("torch_threads")
+        acc["ring_products"] = run.results.get(name, {}).get("ring_products")
     dealer = run.config.dealer
     if dealer is not None:
         parties[dealer.name] = {key: run.results.get(dealer.name, {}).get(key)
-                                for key in ("peak_host_mb", "peak_gpu_mb", "torch_threads")}
+                                for key in ("peak_host_mb", "peak_gpu_mb", "torch_threads", "ring_products")}
     computing = [p for n_, p in parties.items() if dealer is None or n_ != dealer.name]
     busiest = max(computing, key=lambda p: p["bytes"])
     setup = max((r.get("share_weights", {}).get("wall_s", 0.0) for r in run.results.values()), default=0.0)
