@@ -20,6 +20,14 @@ k * 2^-16 above a negative integer -k (e.g. -3.99997) decodes 1.0 too low.
 :func:`_exact_decode` replaces it with :func:`decode_fixed` (the one decoder
 mpc_lm uses, also for its own openings: ``mpc_lm.reveal``), so every revealed
 output is the exact ring value.
+
+CrypTen wraps ``CrypTensor.__getattribute__`` so that every attribute read of every
+secret tensor (``x._tensor``, ``x.size``, each method) first reads
+``cfg.debug.validation_mode`` from its OmegaConf config, a few microseconds each:
+about a tenth of BERT-base's online phase went to that one lookup
+(docs/performance.md, lever 17). mpc_lm never runs CrypTen's validation mode, so
+:func:`_direct_attributes` puts back the function the wrapper wraps (unless the mode
+is on when CrypTen is imported).
 """
 
 from __future__ import annotations
@@ -72,7 +80,16 @@ def import_crypten():
         ) from None
 
     crypten.encoder.FixedPointEncoder.decode = _exact_decode
+    _direct_attributes(crypten)
     return crypten
+
+
+def _direct_attributes(crypten) -> None:
+    """``CrypTensor.__getattribute__`` without CrypTen's validation-mode wrapper (see above)."""
+    cls = crypten.CrypTensor
+    wrapped = getattr(cls.__dict__["__getattribute__"], "__wrapped__", None)
+    if wrapped is not None and not crypten.cfg.debug.validation_mode:
+        cls.__getattribute__ = wrapped
 
 
 def decode_fixed(raw, scale: int):

@@ -113,6 +113,19 @@ def test_open_to_decodes_negative_values_exactly():
     assert (enc(x).get_plain_text() - x).abs().max() < 2**-15
 
 
+def test_secret_tensor_attributes_skip_the_validation_mode_lookup():
+    """mpc_lm._compat removes CrypTen's validation-mode wrapper from CrypTensor.__getattribute__ (an
+    OmegaConf read on every attribute of every secret tensor); attribute reads and autograd dispatch
+    are those of the function it wrapped."""
+    from mpc_lm._compat import import_crypten
+
+    crypten = import_crypten()
+    getter = crypten.CrypTensor.__dict__["__getattribute__"]
+    assert not hasattr(getter, "__wrapped__") and getter.__qualname__ == "CrypTensor.__getattribute__"
+    x = enc(torch.tensor([1.5, -2.0]))
+    assert torch.allclose((x * 2 + x).get_plain_text(), torch.tensor([4.5, -6.0]))
+
+
 def test_row_max_groups_of_four_lengths_and_ties():
     torch.manual_seed(3)
     for n in (1, 2, 3, 4, 5, 8, 13, 16, 33, 128):
