@@ -145,7 +145,7 @@ class Approximations(_Strict):
         "auto", description="how CPU ring products are computed (exact and bit-identical either way; only the "
         "speed differs): digits = three float64 BLAS digit products (fast where int64 multiplies are not "
         "vectorised), int64 = torch's int64 matmul (fast with AVX-512), auto = the faster of the two, timed "
-        "once per process (mpc_lm/ring.py, docs/performance.md lever 17)")
+        "once per process when it starts (mpc_lm/ring.py, docs/performance.md lever 17)")
     max_arity: Literal[2, 4] = Field(4, description="softmax row max: 2 = binary tournament (C+1 rounds "
                                      "per level), 4 = groups of four (C+2 rounds per level, half the levels)")
     mode: Literal["mpc_lm", "crypten"] = Field(

@@ -1,9 +1,11 @@
-"""Exact products of 64-bit ring tensors on the CPU, on float64 BLAS.
+"""Exact products of 64-bit ring tensors on the CPU: torch's int64 kernel or float64 BLAS digits.
 
 Every secret product ends in local matrix products of int64 ring tensors (shares, opened masked
 values, the dealer's masks). On a GPU CrypTen splits them into exact floating-point blocks
-(``CUDALongTensor``); on the CPU it calls ``torch.matmul`` on int64, which has no BLAS kernel
-(128 x 768 @ 768 x 3072: 1.1 s on a 2-core machine, against 0.01 s for float64).
+(``CUDALongTensor``); on the CPU it calls ``torch.matmul`` on int64, which has no BLAS kernel: its
+speed depends on the CPU's 64-bit vector multiplies (128 x 768 @ 768 x 3072: 1.1 s with 2 threads on a
+2-core machine without AVX-512, 0.022 s with one thread on one with it; 0.13-0.15 s for the digits below).
+:func:`choose` times both once per process and keeps the faster (docs/performance.md, lever 17).
 
 :func:`matmul` writes each entry as three signed digits, a = a_0 + a_1 2^22 + a_2 2^43 (mod 2^64)
 with a_0 in [-2^21, 2^21) and a_1, a_2 in [-2^20, 2^20), and forms a @ b modulo 2^64 from the digit
@@ -22,6 +24,7 @@ magnitude at most 2^53: exact. The result is bit-identical to ``torch.matmul`` o
 
 from __future__ import annotations
 
+import time
 import types
 
 import torch
@@ -87,8 +90,6 @@ PRODUCTS: dict = {"method": None, "measured": None}
 
 
 def _time(f, a, b, repeat: int = 3) -> float:
-    import time
-
     f(a, b)
     best = float("inf")
     for _ in range(repeat):

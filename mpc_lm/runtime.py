@@ -146,8 +146,7 @@ def _configure_crypten(cfg: ConsortiumConfig) -> None:
         ring.uninstall()
     else:
         ring.install()
-        if cfg.approx.ring_products != "auto":
-            ring.choose(cfg.approx.ring_products)  # auto: timed on this process's first product
+        ring.choose(cfg.approx.ring_products)  # auto: timed here, at setup, not in a computation
     from . import approx  # comparison circuit for this process (docs/performance.md)
 
     approx.COMPARISON["method"] = "crypten" if cfg.approx.mode == "crypten" else cfg.approx.comparison
