@@ -354,8 +354,8 @@ def merged_round(requests):
             dealt.append(None)
             masked.append(x)
         elif kind == "wmatmul":
-            a, cc = provider.masked_triple(tuple(x.size()), y, device=x.device)
-            dealt.append((a, cc))
+            a, cc, a_e = provider.masked_triple(tuple(x.size()), y, device=x.device)
+            dealt.append((a, cc, a_e))
             masked.append(plain_ring(x._tensor.share) - plain_ring(a.share))
         elif kind == "products":
             a, cc = _dealt(provider, "product_triples", _tfp_product_triples, x[0].size(), len(x), y,
@@ -411,11 +411,12 @@ def merged_round(requests):
             out.append(opened[k])
             k += 1
         elif kind == "wmatmul":  # x W = c + d B + a E (+ d E at party 0: its d_factor is its share of B plus E)
-            (a, cc), d = rnd, opened[k]
+            (a, cc, a_e), d = rnd, opened[k]  # a_e: this party's a E, made in the offline phase (or None)
             k += 1
             share = x._tensor.share
-            z = (plain_ring(cc.share) + _ring_matmul(share, d, plain_ring(y.d_factor))
-                 + _ring_matmul(share, plain_ring(a.share), plain_ring(y.opened)))
+            if a_e is None:
+                a_e = _ring_matmul(share, plain_ring(a.share), plain_ring(y.opened))
+            z = plain_ring(cc.share) + _ring_matmul(share, d, plain_ring(y.d_factor)) + plain_ring(a_e)
             out.append(finish_product(x, y.encoder, z))
         elif kind == "products":  # v_i v_j = c + e_i a_j + a_i e_j + e_i e_j
             (a, cc), e = rnd, opened[k]

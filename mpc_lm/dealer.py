@@ -24,6 +24,7 @@ from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
 import crypten.communicator as comm  # noqa: E402
+from crypten.common.rng import generate_random_ring_element  # noqa: E402
 from crypten.mpc.provider.ttp_provider import TTPServer  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,24 @@ class Dealer(TTPServer):
     """
 
     masks: list
+    mask_streams: dict  # device type -> per party, the stream of its premasked products' masks a
 
     def weight_masks(self, sizes):
         self.masks.extend(self._get_additive_PRSS(torch.Size(size)) for size in sizes)
+        # each party then seeds its mask stream from its dealer seed (offline.PlannedDealer.weight_masks)
+        gens = self._get_generators(device=self.device)
+        self.mask_streams[offline._device_type(self.device)] = [
+            offline._stream(generate_random_ring_element((1,), generator=g, device=g.device), g.device) for g in gens]
         return torch.tensor([len(self.masks)], dtype=torch.long, device=self.device)
 
     def masked(self, size_x, wid, transposed):
         if wid >= len(self.masks):
             raise RuntimeError(f"dealer asked for weight mask {wid} but holds {len(self.masks)}")
-        a = self._get_additive_PRSS(torch.Size(size_x))
+        streams = self.mask_streams[offline._device_type(self.device)]
+        a = None
+        for g in streams:
+            share = generate_random_ring_element(torch.Size(size_x), generator=g, device=g.device)
+            a = share if a is None else a + share
         b = self.masks[wid].t() if transposed else self.masks[wid]
         c = ring.matmul(a, b)
         return c - self._get_additive_PRSS(c.size(), remove_rank=True)
@@ -104,6 +114,7 @@ def serve() -> int:
     """Answer requests until party 0 says ``terminate``; return the number served."""
     server = object.__new__(Dealer)
     server.masks = []
+    server.mask_streams = {}
     server.ttp_group = comm.get().ttp_group
     server.comm_group = comm.get().ttp_comm_group
     server.device = "cpu"

@@ -81,6 +81,9 @@ class PlannedDealer(TrustedThirdParty):
         self.queue: deque = deque()
         self.plan_device = None
         self.next_weight_id = 0
+        self.opened: dict = {}  # weight id -> E = W - B (public to the computing parties; premask.mask_weights)
+        self.mask_generators: dict = {}  # device type -> this party's stream for premasked products' masks
+        self.products_ahead: deque = deque()  # replay: (a, a @ E) per premasked product, made offline
 
     # -- helpers
     def _record(self, function: str, device, result_size, *args, **kwargs) -> None:
@@ -153,17 +156,36 @@ class PlannedDealer(TrustedThirdParty):
             raise PlanMismatch("weight masks are drawn at setup, not inside a planned computation")
         gen = TTPClient.get().get_generator(device=device)
         shares = [_ring(size, gen, device) for size in sizes]
+        # then the seed of a separate stream for the premasked products' masks a, so that a party can
+        # draw them, and form its a @ E, in the offline phase (the dealer draws the same seed)
+        self.mask_generators[_device_type(device)] = _stream(_ring((1,), gen, device), device)
         if comm.get().get_rank() == 0:
             TTPClient.get().ttp_request("weight_masks", device, [tuple(s) for s in sizes])
         self.next_weight_id += len(sizes)
         return shares
 
+    def _mask_stream(self, device):
+        stream = self.mask_generators.get(_device_type(device))
+        if stream is None:
+            raise RuntimeError("a premasked product before its weights' masks were drawn (premask.mask_weights)")
+        return stream
+
     def masked_triple(self, size_x, weight, device=None):
-        """(a, c) with c = a @ B for the mask B of a :class:`mpc_lm.premask.MaskedWeight`."""
+        """(a, c, a_e) with c = a @ B for the mask B of a :class:`mpc_lm.premask.MaskedWeight`: this party's
+        shares of a (from the mask stream) and c, and its a @ E if made in the offline phase (else None)."""
         c_size = _result_size("matmul", size_x, tuple(weight.size()))
         args = (tuple(size_x), weight.wid, weight.transposed)
-        shares = self._shares("masked", device, [(size_x, _ring)], (c_size, _ring), args)
-        return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in shares)
+        if self.mode == "record":
+            a, a_e = _zeros(size_x, device), None
+        elif self.mode == "replay" and self.products_ahead:
+            a, a_e = self.products_ahead.popleft()
+            if tuple(a.size()) != tuple(size_x):
+                raise PlanMismatch(f"offline plan mismatch at a premasked product: planned {tuple(a.size())}, "
+                                   f"asked {tuple(size_x)}")
+        else:
+            a, a_e = _ring(size_x, self._mask_stream(device), device), None
+        (c,) = self._shares("masked", device, [], (c_size, _ring), args)
+        return ArithmeticSharedTensor.from_shares(a, precision=0), ArithmeticSharedTensor.from_shares(c, precision=0), a_e
 
     def comparison_key(self, n: int, lane_bits: int, device=None, form: str = "narrow"):
         """This party's shares of the masks r and of their comparison tables (mpc_lm/tables.py):
@@ -242,6 +264,34 @@ def dealt_by(name: str) -> str | None:
     from crypten.mpc.provider.tfp_provider import TrustedFirstParty
 
     return "tfp" if isinstance(provider, TrustedFirstParty) else None
+
+
+def _device_type(device) -> str:
+    return torch.device(device if device is not None else "cpu").type
+
+
+def _stream(seed, device) -> torch.Generator:
+    """A generator on ``device``'s type seeded with the ring element ``seed`` (both sides draw it alike)."""
+    gen = torch.Generator(device=_device_type(device))
+    gen.manual_seed(int(plain_ring(seed).reshape(-1)[0].item()))
+    return gen
+
+
+def products_ahead(provider: "PlannedDealer", requests: list) -> deque:
+    """This party's mask share a of each premasked product of a plan, drawn in order from its mask stream,
+    and its a @ E (E = W - B, public to the computing parties): the half of the product's local work that
+    does not depend on the input, made in the offline phase."""
+    from .approx import _ring_matmul
+
+    out: deque = deque()
+    for function, device, args, _ in requests:
+        if function != "masked":
+            continue
+        size_x, wid, transposed = args
+        a = _ring(torch.Size(size_x), provider._mask_stream(device), device)
+        e = provider.opened[wid]
+        out.append((a, _ring_matmul(a, plain_ring(a), plain_ring(e.t() if transposed else e))))
+    return out
 
 
 def _ring(size, gen, device):
@@ -548,15 +598,19 @@ def run(cfg, key, fn, *args):
     chunks = 0
     if comm.get().get_rank() == 0 and requests:
         provider.queue, chunks = _fetch(requests, sizes, int(cfg.preprocessing.chunk_mb * 2**20))
+    if cfg.preprocessing.weight_products_ahead:
+        provider.products_ahead = products_ahead(provider, requests)
+    ahead = len(provider.products_ahead)
     offline_s = time.perf_counter() - started
     provider.mode = "replay"
     try:
         result = fn(*args)
-        if provider.queue:
-            raise PlanMismatch(f"the online run left {len(provider.queue)} planned dealer answers unused")
+        if provider.queue or provider.products_ahead:
+            raise PlanMismatch(f"the online run left {len(provider.queue)} planned dealer answers and "
+                               f"{len(provider.products_ahead)} premasked products unused")
     finally:
-        provider.mode, provider.queue = "pass", deque()
+        provider.mode, provider.queue, provider.products_ahead = "pass", deque(), deque()
     stats = {"offline_s": round(offline_s, 4), "plan_s": round(plan_s, 4), "plan_cached": planned,
-             "requests": len(requests), "chunks": chunks,
+             "requests": len(requests), "chunks": chunks, "products_ahead": ahead,
              "elements": int(sum(math.prod(s) for s in sizes))}
     return result, stats

@@ -108,6 +108,7 @@ def mask_weights(params: dict, names: list[str]) -> tuple[dict, dict]:
     party0 = comm.get().get_rank() == 0
     for i, (n, b, e) in enumerate(zip(names, shares, opened)):
         out[n] = MaskedWeight(first + i, params[n], b + e if party0 else b, e)
+        provider.opened[first + i] = e  # for the products' a @ E made in the offline phase
     return out, {"weights": len(names), "elements": int(sum(params[n].numel() for n in names))}
 
 

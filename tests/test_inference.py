@@ -137,6 +137,16 @@ def test_real_minilm_embeddings_match_plaintext(tmp_path):
     assert cos.min().item() > 0.999
 
 
+def test_products_with_weights_are_half_made_in_the_offline_phase(default_run):
+    """preprocessing.weight_products_ahead: each computing party draws the masks a of its products with a
+    premasked weight from a separate stream and forms a (W - B) in the offline phase, one per product the
+    plan lists (the default run's fidelity and budgets hold with them)."""
+    run = default_run("bert")
+    ahead = {p.name: run.results[p.name]["data_owners"]["hospital"]["offline"]["products_ahead"]
+             for p in run.config.computing_parties}
+    assert len(set(ahead.values())) == 1 and next(iter(ahead.values())) > 0, ahead
+
+
 def test_on_demand_dealer_serves_the_same_computation(tmp_path, tiny_models, default_run):
     """preprocessing.mode: on_demand: every dealer function (triples, comparison tables, bit and
     multi-product triples, weight masks) answered request by request instead of from the plan:
