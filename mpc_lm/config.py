@@ -171,9 +171,10 @@ class Preprocessing(_Strict):
         True, description="open each weight's Beaver mask once per model instead of once per product "
                           "(inference and generation with the dealer; mpc_lm/premask.py)")
     weight_products_ahead: bool = Field(
-        True, description="with weight masks and the offline phase: each party draws the masks of its products "
-                          "with a weight from a separate stream and forms their product with the opened W - B in "
-                          "the offline phase, so online each such product is one local matmul instead of two")
+        False, description="EXPERIMENTAL, off by default: with weight masks and the offline phase, each party "
+                           "forms a (W - B) of its products with a weight in the offline phase (one local matmul "
+                           "online instead of two); in the runs measured it raised the rate of rare huge output "
+                           "errors, cause not identified (docs/performance.md lever 18)")
     reuse_segments: bool = Field(
         True, description="plan each repeated transformer layer once per offline dry run and reuse its "
                           "dealer requests for the others (mpc_lm/offline.py segment); false plans every layer")
