@@ -173,8 +173,8 @@ class Preprocessing(_Strict):
     weight_products_ahead: bool = Field(
         False, description="EXPERIMENTAL, off by default: with weight masks and the offline phase, each party "
                            "forms a (W - B) of its products with a weight in the offline phase (one local matmul "
-                           "online instead of two); in the runs measured it raised the rate of rare huge output "
-                           "errors, cause not identified (docs/performance.md lever 18)")
+                           "online instead of two); off until the rare huge output errors seen with and without "
+                           "it are understood (docs/performance.md lever 18)")
     reuse_segments: bool = Field(
         True, description="plan each repeated transformer layer once per offline dry run and reuse its "
                           "dealer requests for the others (mpc_lm/offline.py segment); false plans every layer")
