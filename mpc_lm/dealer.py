@@ -15,7 +15,9 @@ dealer exits non-zero when a party crashes.
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 
 import torch
 
@@ -24,7 +26,6 @@ from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
 import crypten.communicator as comm  # noqa: E402
-from crypten.common.rng import generate_random_ring_element  # noqa: E402
 from crypten.mpc.provider.ttp_provider import TTPServer  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -50,17 +51,15 @@ class Dealer(TTPServer):
         # each party then seeds its mask stream from its dealer seed (offline.PlannedDealer.weight_masks)
         gens = self._get_generators(device=self.device)
         self.mask_streams[offline._device_type(self.device)] = [
-            offline._stream(generate_random_ring_element((1,), generator=g, device=g.device), g.device) for g in gens]
+            offline._stream(offline._ring((1,), g, g.device), g.device) for g in gens]
         return torch.tensor([len(self.masks)], dtype=torch.long, device=self.device)
 
     def masked(self, size_x, wid, transposed):
         if wid >= len(self.masks):
             raise RuntimeError(f"dealer asked for weight mask {wid} but holds {len(self.masks)}")
+        # every party's share of a, from its mask stream (CrypTen's _get_additive_PRSS, on those streams)
         streams = self.mask_streams[offline._device_type(self.device)]
-        a = None
-        for g in streams:
-            share = generate_random_ring_element(torch.Size(size_x), generator=g, device=g.device)
-            a = share if a is None else a + share
+        a = functools.reduce(operator.add, (offline._ring(torch.Size(size_x), g, g.device) for g in streams))
         b = self.masks[wid].t() if transposed else self.masks[wid]
         c = ring.matmul(a, b)
         return c - self._get_additive_PRSS(c.size(), remove_rank=True)

@@ -26,6 +26,13 @@ VAR_LO_EXP, VAR_HI_EXP = -12, 14
 STOCK_MASK_PENALTY = 128.0
 
 
+def layer_weights(p: dict, n: int) -> dict:
+    """Layer ``n``'s parameters, named without their ``l{n}.`` prefix (what a repeated layer is given:
+    mpc_lm/offline.py ``segment``)."""
+    prefix = f"l{n}."
+    return {k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}
+
+
 def linear(x, weight, bias=None):
     """x @ W + b with W stored (in, out). Cost: 1 round.
 

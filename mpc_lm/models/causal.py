@@ -206,10 +206,9 @@ def run_layers(block, p: dict, x, key_mask, arch: CausalArch, ap: Approximations
     ``w`` (named without the ``l{n}.`` prefix) and a one-layer view of ``cache``. An offline plan records one
     layer and reuses its dealer requests for the others (mpc_lm/offline.py segment)."""
     for n in range(arch.layers):
-        w = {k[len(f"l{n}."):]: v for k, v in p.items() if k.startswith(f"l{n}.")}
         k, v = (cache.k[n], cache.v[n]) if cache is not None else (None, None)
-        x, k, v = offline.segment(f"{arch.family}-layer", functools.partial(_layer, block), x, w, key_mask, arch,
-                                  ap, start, cache is not None, k, v)
+        x, k, v = offline.segment(f"{arch.family}-layer", functools.partial(_layer, block), x,
+                                  layers.layer_weights(p, n), key_mask, arch, ap, start, cache is not None, k, v)
         if cache is not None:
             cache.k[n], cache.v[n] = k, v
     return x

@@ -205,8 +205,8 @@ def encode(p: dict, one_hot, mask, arch: EncoderArch, ap: Approximations, pool: 
                              arch.eps, p["l0.attn.qkv.weight"], p["l0.attn.qkv.bias"], ap)
     key_mask = mask.unsqueeze(1).unsqueeze(1)
     for n in range(arch.layers):
-        w = {k[len(f"l{n}."):]: v for k, v in p.items() if k.startswith(f"l{n}.")}
-        ln = (offline.segment("encoder-block", _block, x, qkv, key_mask, w, arch.heads, arch.eps, arch.act, ap),
+        ln = (offline.segment("encoder-block", _block, x, qkv, key_mask, layers.layer_weights(p, n), arch.heads,
+                              arch.eps, arch.act, ap),
               p[f"l{n}.ln2.weight"], p[f"l{n}.ln2.bias"])
         if n < arch.layers - 1:
             x, qkv = offline.segment("norm-linear", layers.layer_norm_linear, *ln, arch.eps,
