@@ -1320,9 +1320,10 @@ def _guess_and_product(x, lo_exp: int, hi_exp: int, power: float, steps: int, co
 #: A linear first guess (:func:`_linear_guess`) is used only where every guess on the range is at least this:
 #: a 16-bit fixed-point guess y is rounded by up to 2^-17 / y relative, which no later Newton step corrects.
 LINEAR_GUESS_FLOOR = 2.0**-8
-#: Largest magnitude (ring units) of a bucket's linear term before its truncation: the 2-party truncation fails
-#: with probability about |v| / 2^63 per element, so 2^44 keeps it below 2^-19.
-LINEAR_TERM_LIMIT_BITS = 44
+#: Largest magnitude (ring units) of a bucket's linear term before its truncation. The 2-party truncation
+#: fails with probability about |v| / 2^64 per element and then adds 2^64 / divisor ring units (about 2^25 in
+#: the guess); 2^36 keeps that below 2^-28 per guess (a run of BERT-base at 128 tokens makes ~2e4 guesses).
+LINEAR_TERM_LIMIT_BITS = 36
 
 
 @lru_cache(maxsize=None)
@@ -1346,9 +1347,11 @@ def _linear_guess(x, lo_exp: int, hi_exp: int, power: float, steps: int, coarse:
     error 8.8e-5 (1/sqrt x) or 2.3e-4 (1/x) at 16 steps, with no Newton step. The round opens the bits
     masked beside x's mask (``bit_mul_b2a``): each bit converted (for the intercepts: sum_k b_k times the
     steps between intercepts, exact) and times x (for the slopes: the one-hot o_j x = b_j x - b_{j+1} x,
-    times bucket j's slope). Slopes span many octaves (x^(power - 1)), so each octave's slope terms are encoded with
-    as many fractional bits as keep |slope x| below 2^LINEAR_TERM_LIMIT_BITS ring units and truncated
-    once; an octave that does not hold x sums to an exact 0. Inputs below 2^lo_exp get the lowest line,
+    times bucket j's slope). Each line is written about its bucket's lower edge t_j (:func:`_linear_lines`): the
+    intercepts at t_j are exact integer steps, and only the terms s_j (x - t_j), |x - t_j| < 0.044 t_j, are
+    truncated. Slopes span many octaves (x^(power - 1)), so each octave's terms are encoded with as many
+    fractional bits as keep them below 2^LINEAR_TERM_LIMIT_BITS ring units (a 2-party truncation of v fails
+    with probability ~|v| / 2^64) and truncated once; an octave that does not hold x sums to an exact 0. Inputs below 2^lo_exp get the lowest line,
     above 2^hi_exp the highest (extrapolated). ``coarse``: truncated comparisons as in
     :func:`_bucket_guess` (a flip reads x just above a threshold into the bucket below, whose line
     extrapolated that far is off by up to ~10x its fit error). Requires ``tables`` with two parties and
@@ -1381,21 +1384,35 @@ def _linear_guess_protocol(x, lo_exp: int, hi_exp: int, power: float, steps: int
 @lru_cache(maxsize=None)
 def _linear_lines(lo_exp: int, hi_exp: int, power: float, steps: int, scale_exp: int):
     """The public constants of :func:`_linear_guess` on one range: the lowest intercept (encoded), the encoded
-    steps between consecutive intercepts, and per octave (first bucket, end, slopes encoded, divisor)."""
+    steps between consecutive intercepts, and the groups of buckets whose linear terms share one truncation:
+    (first bucket, end, slopes encoded, divisor, bucket edges encoded).
+
+    Bucket j's line is written about its lower edge t_j: y = (A_j + s_j t_j) + s_j (x - t_j). The intercepts
+    A_j + s_j t_j are exact integer steps of the converted bits; only s_j (x - t_j) is truncated, and inside a
+    bucket |x - t_j| < (2^(1/steps) - 1) t_j (0.044 t_j at 16 steps), so the truncated values are ~23 times
+    smaller than s_j x and the slopes carry more fractional bits for the same magnitude. The lowest bucket
+    (also every x below the range) and the highest (x above it) are groups of their own, bounded by |x - t| < t.
+    """
     c0, c1 = _linear_fit(power, steps)
     edges = [2.0 ** (k / steps) for k in range(lo_exp * steps, hi_exp * steps + 1)]  # each bucket's lower edge
     scale = FixedPointEncoder().scale
-    # intercepts (2^scale_exp t^power c0, encoded and rounded once each): sum_k b_k (A_k - A_{k-1}), exact
-    ends = [round(2.0**scale_exp * t**power * c0 * scale) for t in edges]
+    edges_enc = [round(t * scale) for t in edges]
+    line = [2.0**scale_exp * t ** (power - 1) * c1 for t in edges]  # each bucket's slope
+    # intercepts at the encoded edges (2^scale_exp t^power (c0 + c1), encoded and rounded once each)
+    ends = [round((2.0**scale_exp * t**power * c0 + s * te / scale) * scale) for t, te, s in zip(edges, edges_enc, line)]
     octaves = [math.floor(round(math.log2(t) * steps) / steps) for t in edges]
+    last = len(edges) - 1
+    members_of = [[0]] + [[j for j in range(1, last) if octaves[j] == o] for o in sorted(set(octaves[1:last]))]
+    members_of = [m for m in members_of if m] + [[last]]
+    width = 2.0 ** (1.0 / steps) - 1.0
     groups = []
-    for octave in sorted(set(octaves)):
-        members = [j for j, o in enumerate(octaves) if o == octave]
-        top = 2.0 ** (scale_exp + power * octave)  # the largest |slope x| in the octave is below |c1| times this
-        bits_here = max(0, min(40, LINEAR_TERM_LIMIT_BITS - 2 * 16 - math.ceil(math.log2(abs(c1) * top * 1.1))))
+    for members in members_of:
+        span = 1.0 if members[0] in (0, last) else width  # |x - t_j| / t_j
+        biggest = max(abs(line[j]) * edges[j] * span for j in members)
+        bits_here = max(0, min(40, LINEAR_TERM_LIMIT_BITS - 2 * 16 - math.ceil(math.log2(biggest * 1.1))))
         slope_scale = 2.0 ** (16 + bits_here)
-        slopes = tuple(round(2.0**scale_exp * edges[j] ** (power - 1) * c1 * slope_scale) for j in members)
-        groups.append((members[0], members[-1] + 1, slopes, int(slope_scale)))
+        slopes = tuple(round(line[j] * slope_scale) for j in members)
+        groups.append((members[0], members[-1] + 1, slopes, int(slope_scale), tuple(edges_enc[j] for j in members)))
     return ends[0], tuple(b - a for a, b in zip(ends, ends[1:])), tuple(groups)
 
 
@@ -1408,14 +1425,20 @@ def _linear_guess_rounds(x, compare, lo_exp: int, hi_exp: int, power: float, ste
     guess = mul_public_int(ints, torch.tensor(steps_between, dtype=torch.long).view(shape)).sum(0)
     guess.encoder = FixedPointEncoder()
     guess = guess + first / guess.encoder.scale
-    # slopes: o_j x (ring, scale 2^16) for the one-hot buckets j = 0..K
+    # the one-hot buckets j = 0..K: o_j x (ring, scale 2^16) and o_j (ring integers), from the K converted bits
     share = plain_ring(times._tensor.share)
     xs = plain_ring(x._tensor.share).unsqueeze(0)
     one_hot = torch.cat([xs, share]) - torch.cat([share, torch.zeros_like(xs)])
-    for start, stop, slopes, divisor in groups:
+    bits = plain_ring(ints._tensor.share)
+    one = torch.full_like(xs, 1 if crypten.communicator.get().get_rank() == 0 else 0)
+    one_hot_bits = torch.cat([one, bits]) - torch.cat([bits, torch.zeros_like(xs)])
+    for start, stop, slopes, divisor, lower in groups:
         term = guess.clone()
         slopes = torch.tensor(slopes, dtype=torch.long, device=one_hot.device).view(shape)
-        term._tensor.share = _like(x._tensor.share, (one_hot[start:stop] * slopes).sum(0))
+        offsets = slopes * torch.tensor(lower, dtype=torch.long, device=one_hot.device).view(shape)
+        # s_j (x - t_j) where x is in bucket j, 0 elsewhere: an exact ring sum, truncated once
+        values = (one_hot[start:stop] * slopes - one_hot_bits[start:stop] * offsets).sum(0)
+        term._tensor.share = _like(x._tensor.share, values)
         term._tensor.div_(divisor)
         guess = guess + term
     return (guess, *more)

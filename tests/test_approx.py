@@ -183,3 +183,33 @@ def test_scaled_newton_steps_match_the_product():
     got = approx.scaled_reciprocal(enc(t), enc(a), -1, 8, 2, steps=4).get_plain_text()
     assert (got - a / t).abs().max().item() < 2e-3
 
+
+
+@pytest.mark.parametrize("lo, hi, power, scale_exp", [(-12, 14, -0.5, 0), (-1, 9, -1.0, approx.SOFTMAX_GUESS_EXP),
+                                                      (-1, 7, -1.0, 0)])
+def test_linear_guess_truncates_small_terms(lo, hi, power, scale_exp):
+    """The linear first guess's truncated terms s_j (x - t_j) stay below 2^LINEAR_TERM_LIMIT_BITS ring units for
+    every x inside the range: a 2-party truncation of v fails with probability ~|v| / 2^64 and then adds
+    ~2^25 to the guess, so this bounds that risk per guess by 2^-28 (docs/accuracy.md, "Rare outliers").
+    Only the lowest bucket, below the range, may exceed it (its slope keeps 16 fractional bits)."""
+    steps = 16
+    first, between, groups = approx._linear_lines(lo, hi, power, steps, scale_exp)
+    edges = [2.0 ** (k / steps) for k in range(lo * steps, hi * steps + 1)]
+    x = (2.0 ** torch.linspace(lo, hi, 200001, dtype=torch.float64) * 2**16).round() / 2**16  # encoded inputs
+    bucket = torch.bucketize(x, torch.tensor(edges[1:], dtype=torch.float64), right=True)
+    intercepts = torch.tensor([first] + list(between), dtype=torch.float64).cumsum(0)
+    limit, biggest = 2.0**approx.LINEAR_TERM_LIMIT_BITS, 0.0
+    guess = intercepts[bucket] / 2**16
+    for start, stop, slopes, divisor, lower in groups:
+        for j, s, t in zip(range(start, stop), slopes, lower):
+            inside = bucket == j
+            term = s * (x[inside] * 2**16 - t)  # ring units before the truncation by divisor
+            if inside.any() and j > 0:
+                biggest = max(biggest, float(term.abs().max()))
+            guess[inside] += term / divisor / 2**16
+    assert biggest <= limit, math.log2(biggest)
+    # and the lines are still the fit (2.3e-4 relative for 1/x, 8.8e-5 for 1/sqrt x), plus the rounding of the
+    # encoded intercepts and slopes
+    want = 2.0**scale_exp * x**power
+    fit = 2.4e-4 if power == -1.0 else 9e-5
+    assert ((guess - want).abs() <= fit * want + 2**-16).all(), float(((guess - want).abs() - fit * want).max())
