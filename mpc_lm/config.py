@@ -171,10 +171,9 @@ class Preprocessing(_Strict):
         True, description="open each weight's Beaver mask once per model instead of once per product "
                           "(inference and generation with the dealer; mpc_lm/premask.py)")
     weight_products_ahead: bool = Field(
-        False, description="EXPERIMENTAL, off by default: with weight masks and the offline phase, each party "
-                           "forms a (W - B) of its products with a weight in the offline phase (one local matmul "
-                           "online instead of two); off until the rare huge output errors seen with and without "
-                           "it are understood (docs/performance.md lever 18)")
+        True, description="with weight masks and the offline phase, each party forms a (W - B) of its products "
+                          "with a weight in the offline phase: one local matmul online instead of two, for more "
+                          "offline work and memory (docs/performance.md lever 18); false forms it online")
     reuse_segments: bool = Field(
         True, description="plan each repeated transformer layer once per offline dry run and reuse its "
                           "dealer requests for the others (mpc_lm/offline.py segment); false plans every layer")

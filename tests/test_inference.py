@@ -137,20 +137,22 @@ def test_real_minilm_embeddings_match_plaintext(tmp_path):
     assert cos.min().item() > 0.999
 
 
-def test_products_with_weights_half_made_in_the_offline_phase(tmp_path, tiny_models, default_run):
-    """preprocessing.weight_products_ahead (experimental, off by default): each computing party draws the
-    masks a of its products with a premasked weight from its mask stream and forms a (W - B) in the offline
-    phase, one per product the plan lists; the same rounds and bytes, the fidelity bounds hold."""
-    planned = _check(default_run("bert"))["inference"]["hospital"]
-    run = launch(write_config(tmp_path, tiny_models["bert"], preprocessing={"weight_products_ahead": True}))
-    ahead = _check(run)["inference"]["hospital"]
-    assert ahead["rounds"] == planned["rounds"]
-    for name, party in ahead["per_party"].items():
-        assert party["online_bytes_sent"] == planned["per_party"][name]["online_bytes_sent"]
-    made = {p.name: run.results[p.name]["data_owners"]["hospital"]["offline"]["products_ahead"]
-            for p in run.config.computing_parties}
+def test_products_with_weights_made_online_when_not_ahead(tmp_path, tiny_models, default_run):
+    """preprocessing.weight_products_ahead (the default): each computing party draws the masks a of its
+    products with a premasked weight from its mask stream and forms a (W - B) in the offline phase, one per
+    product the plan lists. Switched off, it draws them from the same stream online and forms a (W - B)
+    there: the same rounds and bytes, the fidelity bounds hold."""
+    default = default_run("bert")
+    planned = _check(default)["inference"]["hospital"]
+    made = {p.name: default.results[p.name]["data_owners"]["hospital"]["offline"]["products_ahead"]
+            for p in default.config.computing_parties}
     assert len(set(made.values())) == 1 and next(iter(made.values())) > 0, made
-    assert default_run("bert").results["hospital"]["data_owners"]["hospital"]["offline"]["products_ahead"] == 0
+    run = launch(write_config(tmp_path, tiny_models["bert"], preprocessing={"weight_products_ahead": False}))
+    online = _check(run)["inference"]["hospital"]
+    assert online["rounds"] == planned["rounds"]
+    for name, party in online["per_party"].items():
+        assert party["online_bytes_sent"] == planned["per_party"][name]["online_bytes_sent"]
+    assert run.results["hospital"]["data_owners"]["hospital"]["offline"]["products_ahead"] == 0
 
 
 def test_on_demand_dealer_serves_the_same_computation(tmp_path, tiny_models, default_run):
