@@ -1,7 +1,7 @@
 """One party of a REPLAYABLE run: every random draw comes from MPC_LM_REPLAY_SEED (insecure; diagnostics only).
 
-CrypTen's PRNG seeds (``os.urandom`` in ``crypten._setup_prng``) and the dealer's per-party seeds (torch's
-default generator) are derived from the seed and the party's name, so the same seed gives the same shares,
+CrypTen's PRNG seeds (``os.urandom`` in ``crypten._setup_prng``), the dealer's per-party keys (``os.urandom``
+in ``mpc_lm.prg``) and torch's default generator are derived from the seed and the party's name, so the same seed gives the same shares,
 masks and answers: a rare failure found by ``benchmarks/outlier_hunt.py`` can be run again under
 instrumentation. With ``MPC_LM_REPLAY_DUMP=DIR`` each party also saves its shares of every secret value
 returned by the functions of ``mpc_lm.approx`` and ``mpc_lm.layers`` (``DIR/NAME.pt``, in call order), which
@@ -37,6 +37,9 @@ def _install_seed(seed: int, name: str) -> None:
     shim.__dict__.update(os.__dict__)
     shim.urandom = urandom
     crypten.os = shim  # crypten._setup_prng reads os.urandom from its module globals
+    from mpc_lm import prg
+
+    prg.os = shim  # the dealer's AES keys (mpc_lm/prg.py new_seed)
     torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}/{name}/torch".encode()).digest()[:7], "big"))
 
 

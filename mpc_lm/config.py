@@ -66,6 +66,10 @@ class Security(_Strict):
 
     provider: Literal["ttp", "tfp"] = "ttp"
     insecure_development_mode: bool = False
+    prg: Literal["aes", "torch"] = Field(
+        "aes", description="the streams each computing party shares with the dealer: aes (AES-128-CTR under a "
+                           "128-bit key per party, mpc_lm/prg.py) or torch (CrypTen's: torch's generators "
+                           "under a 64-bit seed)")
 
 
 class Party(_Strict):

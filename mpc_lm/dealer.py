@@ -20,8 +20,9 @@ import logging
 import operator
 
 import torch
+import torch.distributed as dist
 
-from . import approx, offline, ring
+from . import approx, offline, prg, ring
 from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
@@ -46,12 +47,26 @@ class Dealer(TTPServer):
     masks: list
     mask_streams: dict  # device type -> per party, the stream of its premasked products' masks a
 
+    def _setup_generators(self):
+        """A fresh 128-bit seed per party from the operating system, sent to that party alone over the
+        dealer's gloo group; the streams are AES-128-CTR (mpc_lm/prg.py). CrypTen's own under
+        ``security.prg: torch``."""
+        if prg.MODE["prg"] != "aes":
+            return super()._setup_generators()
+        ws = comm.get().get_world_size()
+        seeds = [prg.new_seed() for _ in range(ws)]
+        sent = [dist.isend(tensor=seeds[i], dst=i, group=self.ttp_group) for i in range(ws)]
+        self.generators, self.generators_cuda = map(list, zip(*(prg.streams(s) for s in seeds)))
+        for request in sent:
+            request.wait()
+        dist.barrier(group=self.ttp_group)
+
     def weight_masks(self, sizes):
         self.masks.extend(self._get_additive_PRSS(torch.Size(size)) for size in sizes)
         # each party then seeds its mask stream from its dealer seed (offline.PlannedDealer.weight_masks)
         gens = self._get_generators(device=self.device)
         self.mask_streams[offline._device_type(self.device)] = [
-            offline._stream(offline._ring((1,), g, g.device), g.device) for g in gens]
+            offline._stream(offline._ring((2,), g, g.device), g.device) for g in gens]
         return torch.tensor([len(self.masks)], dtype=torch.long, device=self.device)
 
     def masked(self, size_x, wid, transposed):
@@ -109,6 +124,27 @@ class Dealer(TTPServer):
         return table ^ plain_ring(self._get_binary_PRSS(table.size(), remove_rank=True))
 
 
+#: What the dealer's streams are (mpc_lm/prg.py), for its report.
+STREAMS: dict = {}
+
+
+def init_client() -> None:
+    """A computing party's half of the seed exchange over gloo (CrypTen's ``TTPClient._init``): its
+    128-bit seed from the dealer, its AES streams (CrypTen's own under ``security.prg: torch``)."""
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    if prg.MODE["prg"] != "aes":
+        TTPClient._init()
+        return
+    client = object.__new__(TTPClient._TTPClient__TTPClient)  # the private singleton class
+    client.ttp_group, client.comm_group = comm.get().ttp_group, comm.get().ttp_comm_group
+    seed = torch.empty(prg.seed_size(), dtype=torch.long)
+    dist.irecv(tensor=seed, src=comm.get().get_ttp_rank(), group=client.ttp_group).wait()
+    dist.barrier(group=client.ttp_group)
+    client.generator, client.generator_cuda = prg.streams(seed)
+    TTPClient._TTPClient__instance = client
+
+
 def serve() -> int:
     """Answer requests until party 0 says ``terminate``; return the number served."""
     server = object.__new__(Dealer)
@@ -123,6 +159,7 @@ def serve() -> int:
         setup_dealer_generators(server, comm.get())
     else:
         server._setup_generators()
+    STREAMS["kind"] = prg.describe(server.generators[0])
     ttp_rank = comm.get().get_ttp_rank()
     served = 0
     while True:

@@ -28,11 +28,11 @@ from contextlib import contextmanager
 import torch
 from pydantic import BaseModel
 
+from . import prg
 from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
 import crypten.communicator as comm  # noqa: E402
-from crypten.common.rng import generate_kbit_random_tensor, generate_random_ring_element  # noqa: E402
 from crypten.communicator import DistributedCommunicator  # noqa: E402
 from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor  # noqa: E402
 from crypten.mpc.provider.ttp_provider import TTPClient, TrustedThirdParty  # noqa: E402
@@ -158,7 +158,7 @@ class PlannedDealer(TrustedThirdParty):
         shares = [_ring(size, gen, device) for size in sizes]
         # then the seed of a separate stream for the premasked products' masks a, so that a party can
         # draw them, and form its a @ E, in the offline phase (the dealer draws the same seed)
-        self.mask_generators[_device_type(device)] = _stream(_ring((1,), gen, device), device)
+        self.mask_generators[_device_type(device)] = _stream(_ring((2,), gen, device), device)
         if comm.get().get_rank() == 0:
             TTPClient.get().ttp_request("weight_masks", device, [tuple(s) for s in sizes])
         self.next_weight_id += len(sizes)
@@ -270,11 +270,10 @@ def _device_type(device) -> str:
     return torch.device(device if device is not None else "cpu").type
 
 
-def _stream(seed, device) -> torch.Generator:
-    """A generator on ``device``'s type seeded with the ring element ``seed`` (both sides draw it alike)."""
-    gen = torch.Generator(device=_device_type(device))
-    gen.manual_seed(int(plain_ring(seed).reshape(-1)[0].item()))
-    return gen
+def _stream(seed, device):
+    """A stream on ``device``'s type seeded with the two ring elements ``seed`` (both sides draw them alike):
+    AES-128-CTR, or a torch generator under ``security.prg: torch`` (mpc_lm/prg.py)."""
+    return prg.stream_from(plain_ring(seed), device)
 
 
 def products_ahead(provider: "PlannedDealer", requests: list) -> deque:
@@ -295,15 +294,15 @@ def products_ahead(provider: "PlannedDealer", requests: list) -> deque:
 
 
 def _ring(size, gen, device):
-    return generate_random_ring_element(size, generator=gen, device=device)
+    return prg.ring(size, gen, device)
 
 
 def _bits(size, gen, device):
-    return generate_kbit_random_tensor(size, generator=gen, device=device)
+    return prg.kbit(size, generator=gen, device=device)
 
 
 def _bit(size, gen, device):
-    return generate_kbit_random_tensor(size, bitlength=1, generator=gen, device=device)
+    return prg.kbit(size, bitlength=1, generator=gen, device=device)
 
 
 def install() -> PlannedDealer:

@@ -47,6 +47,7 @@ def run_party(config_path: str, name: str, result_path: str | None = None, log_l
                 summary = (job or jobs.job_for(cfg.job.kind))(ctx)
             summary.update(party=name, role=ctx.role.value, rank=ctx.rank, device=str(ctx.device),
                            torch_threads=torch.get_num_threads(), ring_products=ring.PRODUCTS["method"],
+                           dealer_streams=_dealer_streams(cfg, ctx.role),
                            traffic_total=ctx.comm.traffic.snapshot())
             if audit is not None:
                 _dump_audit(Path(audit_dir), name, audit)
@@ -77,6 +78,19 @@ def run_party(config_path: str, name: str, result_path: str | None = None, log_l
 
 _TRANSPORT_WORDS = ("gloo", "connection", "timed out", "timeout", "peer", "socket", "broken pipe", "closed",
                     "lost contact", "did not answer")
+
+
+def _dealer_streams(cfg, role) -> str | None:
+    """What this process's streams shared with the dealer are (mpc_lm/prg.py), read from the objects."""
+    if cfg.dealer is None:
+        return None
+    if role == Role.DEALER:
+        return dealer.STREAMS.get("kind")
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    from . import prg
+
+    return prg.describe(TTPClient.get().get_generator())
 
 
 def _is_transport_error(err: Exception) -> bool:

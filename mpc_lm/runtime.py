@@ -152,8 +152,10 @@ def _configure_crypten(cfg: ConsortiumConfig) -> None:
     approx.COMPARISON["method"] = "crypten" if cfg.approx.mode == "crypten" else cfg.approx.comparison
     approx.PRODUCTS["stock"] = cfg.approx.mode == "crypten"
     if cfg.security.provider == "ttp":  # CrypTen's TTP functions plus comparison tables and bit triples
-        from . import offline
+        from . import offline, prg
 
+        prg.MODE["prg"] = cfg.security.prg
+        prg.install()  # the dealer streams' draws (AES-128-CTR by default; mpc_lm/prg.py)
         offline.install()
     if cfg.security.provider == "tfp":
         log.warning(
@@ -222,7 +224,9 @@ def _init_crypten_party() -> None:
 
             init_ttp_client(comm)
         else:
-            crypten.mpc.provider.ttp_provider.TTPClient._init()
+            from .dealer import init_client
+
+            init_client()
 
 
 def _shutdown(store, clean: bool) -> None:

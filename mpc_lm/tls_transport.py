@@ -58,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from . import pki
+from . import pki, prg
 from ._compat import import_crypten
 from .errors import ConfigError, RendezvousError
 from .transport import Audit, PartyCommunicator
@@ -736,19 +736,29 @@ def init_ttp_client(comm: TlsCommunicator) -> None:
 
     client = object.__new__(TTPClient._TTPClient__TTPClient)  # the private singleton class
     client.ttp_group, client.comm_group = comm.ttp_group, comm.ttp_comm_group
-    seed = comm._recv_t(comm.get_ttp_rank(), TTP, torch.empty((), dtype=torch.long)).item()
+    seed = comm._recv_t(comm.get_ttp_rank(), TTP, torch.empty(prg.seed_size(), dtype=torch.long))
     comm.group_barrier(comm.ttp_group)
-    client.generator = torch.Generator(device="cpu")
-    client.generator.manual_seed(seed)
-    client.generator_cuda = None
-    if torch.cuda.is_available():
-        client.generator_cuda = torch.Generator(device="cuda")
-        client.generator_cuda.manual_seed(seed)
+    if prg.MODE["prg"] == "aes":  # AES-128-CTR streams under a 128-bit key (mpc_lm/prg.py)
+        client.generator, client.generator_cuda = prg.streams(seed)
+    else:
+        client.generator = torch.Generator(device="cpu")
+        client.generator.manual_seed(seed.item())
+        client.generator_cuda = None
+        if torch.cuda.is_available():
+            client.generator_cuda = torch.Generator(device="cuda")
+            client.generator_cuda.manual_seed(seed.item())
     TTPClient._TTPClient__instance = client
 
 
 def setup_dealer_generators(server, comm: TlsCommunicator) -> None:
     """The dealer's half (``TTPServer._setup_generators``): one fresh seed per party, over TLS."""
+    if prg.MODE["prg"] == "aes":  # a fresh 128-bit key per party, AES-128-CTR streams (mpc_lm/prg.py)
+        seeds = [prg.new_seed() for _ in range(comm.world_size)]
+        for rank, seed in enumerate(seeds):
+            comm._send_t(rank, TTP, seed)
+        server.generators, server.generators_cuda = map(list, zip(*(prg.streams(s) for s in seeds)))
+        comm.group_barrier(comm.ttp_group)
+        return
     seeds = [_seed() for _ in range(comm.world_size)]
     server.generators, server.generators_cuda = [], []
     for rank, seed in enumerate(seeds):

@@ -155,6 +155,18 @@ def test_products_with_weights_made_online_when_not_ahead(tmp_path, tiny_models,
     assert run.results["hospital"]["data_owners"]["hospital"]["offline"]["products_ahead"] == 0
 
 
+def test_crypten_generators_for_the_dealer_streams_when_asked(tmp_path, tiny_models, default_run):
+    """security.prg: torch draws the dealer streams from CrypTen's generators (64-bit seeds) instead of
+    AES-128-CTR: the same rounds and bytes, the fidelity bounds hold, and every party says so."""
+    planned = _check(default_run("bert"))["inference"]["hospital"]
+    run = launch(write_config(tmp_path, tiny_models["bert"], security={"provider": "ttp", "prg": "torch"}))
+    stock = _check(run)["inference"]["hospital"]
+    assert stock["rounds"] == planned["rounds"]
+    for name, party in stock["per_party"].items():
+        assert party["online_bytes_sent"] == planned["per_party"][name]["online_bytes_sent"]
+    assert {r["dealer_streams"] for r in run.results.values()} == {"torch-cpu"}
+
+
 def test_on_demand_dealer_serves_the_same_computation(tmp_path, tiny_models, default_run):
     """preprocessing.mode: on_demand: every dealer function (triples, comparison tables, bit and
     multi-product triples, weight masks) answered request by request instead of from the plan:

@@ -38,6 +38,14 @@ def audited(tmp_path_factory, tiny_models):
     return run, load_config(cfg_path), audit
 
 
+def test_dealer_streams_are_aes_by_default(audited):
+    """Every party's streams shared with the dealer are AES-128-CTR under a fresh 128-bit key per party
+    (security.prg: aes; mpc_lm/prg.py), read from the stream objects each process drew from."""
+    run, _, _ = audited
+    assert {name: run.results[name]["dealer_streams"] for name in ("vendor", "hospital", "dealer")} == \
+        {"vendor": "aes-128-ctr", "hospital": "aes-128-ctr", "dealer": "aes-128-ctr"}
+
+
 def _is_bits(t: torch.Tensor) -> bool:
     return bool(((t == 0) | (t == 1)).all())
 

@@ -290,15 +290,15 @@ def test_encrypted_inference_over_mutual_tls_leaks_nothing_on_the_wire(tmp_path,
     needles = []
     for name, data in plain.items():
         for kind, ch, dt, payload in _frames(data):
-            if kind == T.K_TENSOR and len(payload) == 8 and ch == T.TTP:
-                needles.append(("dealer seed", payload))  # the dealer's PRNG seed for a party
+            if kind == T.K_TENSOR and len(payload) == 16 and ch == T.TTP:
+                needles.append(("dealer key", payload))  # the dealer's AES-128 key for a party's stream
             elif kind == T.K_TENSOR and len(payload) == 8 and ch == T.MAIN and len(needles) < 8:
                 needles.append(("pairwise seed", payload))  # CrypTen's zero-sharing seeds
             elif kind == T.K_TENSOR and len(payload) >= 64:
                 needles.append(("share", payload[len(payload) // 2: len(payload) // 2 + 16]))
             elif kind == T.K_OBJ and b"additive" in payload:
                 needles.append(("dealer request", payload[:32]))
-    assert {"dealer seed", "share", "dealer request"} <= {k for k, _ in needles}
+    assert {"dealer key", "share", "dealer request"} <= {k for k, _ in needles}
     step = max(1, len(needles) // 300)
     sample = [n for n in needles if n[0] != "share"] + [n for n in needles if n[0] == "share"][::step]
     everything_sent = b"".join(plain.values())

@@ -113,8 +113,9 @@ def build_config(spec: dict, mode: str, texts: list[str], model_dir: Path, work:
     approx = {**data.get("approx", {}), **approx_section(mode, spec["naive_gelu"])}
     data.update(name=data.get("name", "bench") + f"-{mode}", model=model, job=job, run_dir=str(work / "runs"),
                 approx=approx)
-    if mode == "crypten-naive":  # stock CrypTen: a dealer request/response per multiplication
+    if mode == "crypten-naive":  # stock CrypTen: a dealer request/response per multiplication, its own streams
         data["preprocessing"] = {**data.get("preprocessing", {}), "mode": "on_demand", "weight_masks": False}
+        data["security"] = {**data.get("security", {}), "prg": "torch"}
     path = work / "consortium.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path, assignment
@@ -169,10 +170,12 @@ def run_mode(spec: dict, mode: str, texts: list[str], labels: list[int], model_d
         acc["peak_gpu_mb"] = run.results.get(name, {}).get("peak_gpu_mb")
         acc["torch_threads"] = run.results.get(name, {}).get("torch_threads")
         acc["ring_products"] = run.results.get(name, {}).get("ring_products")
+        acc["dealer_streams"] = run.results.get(name, {}).get("dealer_streams")
     dealer = run.config.dealer
     if dealer is not None:
         parties[dealer.name] = {key: run.results.get(dealer.name, {}).get(key)
-                                for key in ("peak_host_mb", "peak_gpu_mb", "torch_threads", "ring_products")}
+                                for key in ("peak_host_mb", "peak_gpu_mb", "torch_threads", "ring_products",
+                                            "dealer_streams")}
     computing = [p for n_, p in parties.items() if dealer is None or n_ != dealer.name]
     busiest = max(computing, key=lambda p: p["bytes"])
     setup = max((r.get("share_weights", {}).get("wall_s", 0.0) for r in run.results.values()), default=0.0)
