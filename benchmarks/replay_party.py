@@ -90,7 +90,7 @@ def _install_dump(directory: str, name: str):
 
 
 def _install_audit(directory: str, name: str):
-    """Every 2-party truncation (``ArithmeticSharedTensor.div_`` by a public integer): the parties add up
+    """Every 2-party truncation (``ArithmeticSharedTensor.div_`` by a public integer, as ``ring.install`` sets it): the parties add up
     their shares before and after it (extra openings, no randomness drawn, so the replay is unchanged), and
     per call site count the elements, the expected failures sum |v| / 2^64 and the actual failures (results
     off by more than 2 units). Selections' own truncations inside ``select_fma`` (exact 0 where not
@@ -100,10 +100,11 @@ def _install_audit(directory: str, name: str):
     from pathlib import Path
 
     from crypten import communicator as comm
-    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
     from mpc_lm import offline
 
-    original = ArithmeticSharedTensor.div_
+    from mpc_lm import ring
+
+    original = ring._div_  # what ring.install() puts on ArithmeticSharedTensor (a shift, else CrypTen's)
     sites: dict = defaultdict(lambda: {"calls": 0, "elements": 0, "expected": 0.0, "failures": 0, "max_abs": 0.0})
 
     def site() -> str:
@@ -130,7 +131,7 @@ def _install_audit(directory: str, name: str):
         row["max_abs"] = max(row["max_abs"], float(before.double().abs().max()))
         return out
 
-    ArithmeticSharedTensor.div_ = div_
+    ring._div_ = div_  # ring.install(), at the party's setup, puts this on ArithmeticSharedTensor
 
     def save():
         Path(directory).mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,8 @@ magnitude at most 2^53: exact. The result is bit-identical to ``torch.matmul`` o
 (``tests/test_ring.py``).
 
 :func:`install` routes CrypTen's Beaver products and its dealer's matmul triples through
-:func:`matmul`; mpc_lm's own products call it directly. The stock-CrypTen baseline
+:func:`matmul` (mpc_lm's own products call it directly), and two parties' local truncations by a power of
+two through :func:`truncate` (a shift instead of int64 division). The stock-CrypTen baseline
 (``approx.mode: crypten``) does not install it.
 """
 
@@ -175,21 +176,82 @@ class _TorchWithRingMatmul(types.ModuleType):
     matmul = staticmethod(matmul)
 
 
+def truncate(share: torch.Tensor, divisor: int, first: bool) -> torch.Tensor:
+    """One party's local truncation of its ring share by a power of two ``divisor``: party 0 (``first``) adds
+    the divisor, then each shifts (floor). The two results add up to floor(v / d) or one more, and to v / d
+    on average (rounding up with probability frac(v / d)) unless the shares wrap (probability ~|v| / 2^64).
+    About ten times faster than CrypTen's int64 division toward zero; two floors alone would be one unit
+    low on average."""
+    shift = divisor.bit_length() - 1
+    return ((share + divisor) if first else share) >> shift
+
+
+def _stock_div():
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+
+    return ArithmeticSharedTensor.__dict__["div_"]
+
+
+_STOCK_DIV = None
+
+
+def _div_(self, y):
+    """``ArithmeticSharedTensor.div_``: two parties dividing by a power of two shift their shares in place
+    (:func:`truncate`); everything else is CrypTen's."""
+    if isinstance(y, float) and y.is_integer():
+        y = int(y)
+    share = self.share
+    if (isinstance(y, int) and y > 0 and y & (y - 1) == 0 and type(share) is torch.Tensor
+            and share.dtype == torch.long and _two_parties() and not _validating()):
+        if _first():
+            share.add_(y)  # see truncate: unbiased
+        share.bitwise_right_shift_(y.bit_length() - 1)
+        return self
+    return _STOCK_DIV(self, y)
+
+
+def _two_parties() -> bool:
+    import crypten.communicator as comm
+
+    return comm.get().get_world_size() == 2
+
+
+def _first() -> bool:
+    import crypten.communicator as comm
+
+    return comm.get().get_rank() == 0
+
+
+def _validating() -> bool:
+    from crypten.config import cfg
+
+    return bool(cfg.debug.validation_mode)
+
+
 def install() -> None:
     """Route CrypTen's Beaver products (``crypten.mpc.primitives.beaver``) and its dealer's matmul
-    triples (``crypten.mpc.provider.ttp_provider``) through :func:`matmul`. Idempotent."""
+    triples (``crypten.mpc.provider.ttp_provider``) through :func:`matmul`, and two parties' truncations
+    through :func:`truncate`. Idempotent."""
+    global _STOCK_DIV
     from crypten.mpc.primitives import beaver
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
     from crypten.mpc.provider import ttp_provider
 
     for module in (beaver, ttp_provider):
         if not isinstance(module.torch, _TorchWithRingMatmul):
             module.torch = _TorchWithRingMatmul()
+    if _STOCK_DIV is None:
+        _STOCK_DIV = _stock_div()
+    ArithmeticSharedTensor.div_ = _div_
 
 
 def uninstall() -> None:
-    """Give CrypTen back its own ``torch.matmul`` (the stock baseline)."""
+    """Give CrypTen back its own ``torch.matmul`` and division (the stock baseline)."""
     from crypten.mpc.primitives import beaver
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
     from crypten.mpc.provider import ttp_provider
 
     for module in (beaver, ttp_provider):
         module.torch = torch
+    if _STOCK_DIV is not None:
+        ArithmeticSharedTensor.div_ = _STOCK_DIV

@@ -110,3 +110,18 @@ def test_the_product_method_is_chosen_by_measurement_and_either_is_exact(monkeyp
         assert torch.equal(ring.matmul(a, b), torch.matmul(a, b))
     with pytest.raises(ValueError, match="auto, digits or int64"):
         ring.choose("float32")
+
+
+def test_truncation_by_shift_adds_up_to_the_value_divided():
+    """Two parties' shares of v, each truncated by ring.truncate (the 2-party div_ after ring.install): the
+    sum is floor(v / 2^16) or one more, v / 2^16 on average, unless the shares wrap (probability ~|v| / 2^64)."""
+    g = torch.Generator().manual_seed(11)
+    v = torch.randint(-(2**40), 2**40, (200_000,), generator=g)
+    x0 = torch.randint(-(2**63), 2**63 - 1, v.shape, generator=g)
+    x1 = v - x0  # wraps modulo 2^64, as ring shares do
+    got = ring.truncate(x0, 2**16, True) + ring.truncate(x1, 2**16, False)
+    off = got - torch.div(v, 2**16, rounding_mode="floor")
+    assert int(((off < 0) | (off > 1)).sum()) <= 2  # wraps: expected ~2^41 / 2^64 * 2e5 ~ 0.02
+    bias = (got.double() - v.double() / 2**16)[(off >= 0) & (off <= 1)].mean().item()
+    assert abs(bias) < 0.01, bias  # unbiased; floor on both shares alone would be -1 unit
+    assert torch.equal(ring.truncate(torch.tensor([-5, 5, -(2**20)]), 16, False), torch.tensor([-1, 0, -(2**16)]))
