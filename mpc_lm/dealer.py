@@ -48,15 +48,12 @@ class Dealer(TTPServer):
     mask_streams: dict  # device type -> per party, the stream of its premasked products' masks a
 
     def _setup_generators(self):
-        """A fresh 128-bit seed per party from the operating system, sent to that party alone over the
-        dealer's gloo group; the streams are AES-128-CTR (mpc_lm/prg.py). CrypTen's own under
-        ``security.prg: torch``."""
-        if prg.MODE["prg"] != "aes":
-            return super()._setup_generators()
+        """A fresh seed per party from the operating system, sent to that party alone over the dealer's gloo
+        group, and that party's streams from it (mpc_lm/prg.py: AES-128-CTR, or CrypTen's generators)."""
         ws = comm.get().get_world_size()
         seeds = [prg.new_seed() for _ in range(ws)]
         sent = [dist.isend(tensor=seeds[i], dst=i, group=self.ttp_group) for i in range(ws)]
-        self.generators, self.generators_cuda = map(list, zip(*(prg.streams(s) for s in seeds)))
+        self.generators, self.generators_cuda = map(list, zip(*(prg.generators(s) for s in seeds)))
         for request in sent:
             request.wait()
         dist.barrier(group=self.ttp_group)
@@ -129,19 +126,16 @@ STREAMS: dict = {}
 
 
 def init_client() -> None:
-    """A computing party's half of the seed exchange over gloo (CrypTen's ``TTPClient._init``): its
-    128-bit seed from the dealer, its AES streams (CrypTen's own under ``security.prg: torch``)."""
+    """A computing party's half of the seed exchange over gloo (CrypTen's ``TTPClient._init``): its seed
+    from the dealer, its streams from it (mpc_lm/prg.py)."""
     from crypten.mpc.provider.ttp_provider import TTPClient
 
-    if prg.MODE["prg"] != "aes":
-        TTPClient._init()
-        return
     client = object.__new__(TTPClient._TTPClient__TTPClient)  # the private singleton class
     client.ttp_group, client.comm_group = comm.get().ttp_group, comm.get().ttp_comm_group
     seed = torch.empty(prg.seed_size(), dtype=torch.long)
     dist.irecv(tensor=seed, src=comm.get().get_ttp_rank(), group=client.ttp_group).wait()
     dist.barrier(group=client.ttp_group)
-    client.generator, client.generator_cuda = prg.streams(seed)
+    client.generator, client.generator_cuda = prg.generators(seed)
     TTPClient._TTPClient__instance = client
 
 

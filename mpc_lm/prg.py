@@ -25,6 +25,12 @@ import os
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from ._compat import import_crypten
+
+import_crypten()
+from crypten.common.rng import generate_kbit_random_tensor as _crypten_kbit  # noqa: E402
+from crypten.common.rng import generate_random_ring_element as _crypten_ring  # noqa: E402
+
 #: "aes" (the default) or "torch" (CrypTen's generators), set from ``security.prg`` in every process.
 MODE = {"prg": "aes"}
 
@@ -72,8 +78,30 @@ class AesStream:
 
 
 def new_seed() -> torch.Tensor:
-    """A fresh 128-bit seed from the operating system, as two int64 (what the dealer sends a party)."""
-    return torch.frombuffer(bytearray(os.urandom(KEY_BYTES)), dtype=torch.int64).clone()
+    """A fresh seed for one party's streams, from the operating system (what the dealer sends that party):
+    128 bits as two int64 (AES), or one int64 (torch's generators)."""
+    size = KEY_BYTES if MODE["prg"] == "aes" else 8
+    return torch.frombuffer(bytearray(os.urandom(size)), dtype=torch.int64).clone().reshape(seed_size())
+
+
+def seed_size() -> tuple[int, ...]:
+    """The shape of a dealer seed on the wire: two int64 (AES) or one (torch's generators)."""
+    return (2,) if MODE["prg"] == "aes" else ()
+
+
+def generators(seed: torch.Tensor) -> tuple:
+    """(cpu stream, cuda stream or None) of one party from its seed, alike at the party and the dealer:
+    AES-128-CTR keyed per device type, or torch generators seeded with it (``security.prg: torch``)."""
+    if MODE["prg"] == "aes":
+        return streams(seed)
+    value = int(seed.reshape(-1)[0].item())
+    cpu = torch.Generator(device="cpu")
+    cpu.manual_seed(value)
+    cuda = None
+    if torch.cuda.is_available():
+        cuda = torch.Generator(device="cuda")
+        cuda.manual_seed(value)
+    return cpu, cuda
 
 
 def streams(seed: torch.Tensor) -> tuple[AesStream, AesStream | None]:
@@ -89,15 +117,10 @@ def streams(seed: torch.Tensor) -> tuple[AesStream, AesStream | None]:
     return AesStream(key("cpu"), "cpu"), cuda
 
 
-def seed_size() -> tuple[int, ...]:
-    """The shape of a dealer seed on the wire: two int64 (AES) or one (torch's generators)."""
-    return (2,) if MODE["prg"] == "aes" else ()
-
-
 # ---------------------------------------------------------------- draws, for either kind of generator
 
 
-def ring(size, generator, device=None) -> torch.Tensor:
+def ring(size, generator=None, device=None) -> torch.Tensor:
     """Uniform ring elements from ``generator``: an :class:`AesStream` or a torch generator (CrypTen's draw)."""
     if isinstance(generator, AesStream):
         return generator.ring(torch.Size(size), device)
@@ -111,28 +134,12 @@ def kbit(size, bitlength=None, generator=None, device=None) -> torch.Tensor:
     return _crypten_kbit(size, bitlength=bitlength, generator=generator, device=device)
 
 
-def _crypten_draws():
-    from ._compat import import_crypten
-
-    import_crypten()
-    from crypten.common import rng
-
-    return rng.generate_random_ring_element, rng.generate_kbit_random_tensor
-
-
-_crypten_ring, _crypten_kbit = _crypten_draws()
-
-
 def install() -> None:
     """Make CrypTen's TTP provider and server draw through :func:`ring` / :func:`kbit` (idempotent)."""
     from crypten.mpc.provider import ttp_provider
 
-    ttp_provider.generate_random_ring_element = _keyword_ring
+    ttp_provider.generate_random_ring_element = ring
     ttp_provider.generate_kbit_random_tensor = kbit
-
-
-def _keyword_ring(size, generator=None, device=None, **kwargs):
-    return ring(size, generator, device)
 
 
 def describe(generator) -> str:

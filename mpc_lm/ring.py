@@ -186,13 +186,7 @@ def truncate(share: torch.Tensor, divisor: int, first: bool) -> torch.Tensor:
     return ((share + divisor) if first else share) >> shift
 
 
-def _stock_div():
-    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
-
-    return ArithmeticSharedTensor.__dict__["div_"]
-
-
-_STOCK_DIV = None
+_CRYPTEN: dict = {}  # set by install(): CrypTen's own div_, its communicator module and config
 
 
 def _div_(self, y):
@@ -200,39 +194,23 @@ def _div_(self, y):
     (:func:`truncate`); everything else is CrypTen's."""
     if isinstance(y, float) and y.is_integer():
         y = int(y)
-    share = self.share
+    share, comm = self.share, _CRYPTEN["comm"].get()
     if (isinstance(y, int) and y > 0 and y & (y - 1) == 0 and type(share) is torch.Tensor
-            and share.dtype == torch.long and _two_parties() and not _validating()):
-        if _first():
+            and share.dtype == torch.long and comm.get_world_size() == 2
+            and not _CRYPTEN["cfg"].debug.validation_mode):
+        if comm.get_rank() == 0:
             share.add_(y)  # see truncate: unbiased
         share.bitwise_right_shift_(y.bit_length() - 1)
         return self
-    return _STOCK_DIV(self, y)
-
-
-def _two_parties() -> bool:
-    import crypten.communicator as comm
-
-    return comm.get().get_world_size() == 2
-
-
-def _first() -> bool:
-    import crypten.communicator as comm
-
-    return comm.get().get_rank() == 0
-
-
-def _validating() -> bool:
-    from crypten.config import cfg
-
-    return bool(cfg.debug.validation_mode)
+    return _CRYPTEN["div_"](self, y)
 
 
 def install() -> None:
     """Route CrypTen's Beaver products (``crypten.mpc.primitives.beaver``) and its dealer's matmul
     triples (``crypten.mpc.provider.ttp_provider``) through :func:`matmul`, and two parties' truncations
     through :func:`truncate`. Idempotent."""
-    global _STOCK_DIV
+    import crypten.communicator
+    from crypten.config import cfg
     from crypten.mpc.primitives import beaver
     from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
     from crypten.mpc.provider import ttp_provider
@@ -240,8 +218,8 @@ def install() -> None:
     for module in (beaver, ttp_provider):
         if not isinstance(module.torch, _TorchWithRingMatmul):
             module.torch = _TorchWithRingMatmul()
-    if _STOCK_DIV is None:
-        _STOCK_DIV = _stock_div()
+    if not _CRYPTEN:
+        _CRYPTEN.update(div_=ArithmeticSharedTensor.__dict__["div_"], comm=crypten.communicator, cfg=cfg)
     ArithmeticSharedTensor.div_ = _div_
 
 
@@ -253,5 +231,5 @@ def uninstall() -> None:
 
     for module in (beaver, ttp_provider):
         module.torch = torch
-    if _STOCK_DIV is not None:
-        ArithmeticSharedTensor.div_ = _STOCK_DIV
+    if _CRYPTEN:
+        ArithmeticSharedTensor.div_ = _CRYPTEN["div_"]

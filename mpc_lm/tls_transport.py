@@ -726,10 +726,6 @@ def is_tls(comm) -> bool:
     return isinstance(comm, TlsCommunicator)
 
 
-def _seed() -> int:
-    return int.from_bytes(os.urandom(8), "big") - 2**63
-
-
 def init_ttp_client(comm: TlsCommunicator) -> None:
     """CrypTen's ``TTPClient._init`` without torch.distributed: the dealer's seed comes over TLS."""
     from crypten.mpc.provider.ttp_provider import TTPClient
@@ -738,39 +734,17 @@ def init_ttp_client(comm: TlsCommunicator) -> None:
     client.ttp_group, client.comm_group = comm.ttp_group, comm.ttp_comm_group
     seed = comm._recv_t(comm.get_ttp_rank(), TTP, torch.empty(prg.seed_size(), dtype=torch.long))
     comm.group_barrier(comm.ttp_group)
-    if prg.MODE["prg"] == "aes":  # AES-128-CTR streams under a 128-bit key (mpc_lm/prg.py)
-        client.generator, client.generator_cuda = prg.streams(seed)
-    else:
-        client.generator = torch.Generator(device="cpu")
-        client.generator.manual_seed(seed.item())
-        client.generator_cuda = None
-        if torch.cuda.is_available():
-            client.generator_cuda = torch.Generator(device="cuda")
-            client.generator_cuda.manual_seed(seed.item())
+    client.generator, client.generator_cuda = prg.generators(seed)  # mpc_lm/prg.py
     TTPClient._TTPClient__instance = client
 
 
 def setup_dealer_generators(server, comm: TlsCommunicator) -> None:
-    """The dealer's half (``TTPServer._setup_generators``): one fresh seed per party, over TLS."""
-    if prg.MODE["prg"] == "aes":  # a fresh 128-bit key per party, AES-128-CTR streams (mpc_lm/prg.py)
-        seeds = [prg.new_seed() for _ in range(comm.world_size)]
-        for rank, seed in enumerate(seeds):
-            comm._send_t(rank, TTP, seed)
-        server.generators, server.generators_cuda = map(list, zip(*(prg.streams(s) for s in seeds)))
-        comm.group_barrier(comm.ttp_group)
-        return
-    seeds = [_seed() for _ in range(comm.world_size)]
-    server.generators, server.generators_cuda = [], []
+    """The dealer's half (``TTPServer._setup_generators``): one fresh seed per party, over TLS, and that
+    party's streams from it (mpc_lm/prg.py)."""
+    seeds = [prg.new_seed() for _ in range(comm.world_size)]
     for rank, seed in enumerate(seeds):
-        comm._send_t(rank, TTP, torch.tensor(seed, dtype=torch.long))
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed)
-        server.generators.append(gen)
-        cuda = None
-        if torch.cuda.is_available():
-            cuda = torch.Generator(device="cuda")
-            cuda.manual_seed(seed)
-        server.generators_cuda.append(cuda)
+        comm._send_t(rank, TTP, seed)
+    server.generators, server.generators_cuda = map(list, zip(*(prg.generators(s) for s in seeds)))
     comm.group_barrier(comm.ttp_group)
 
 
