@@ -186,7 +186,12 @@ def argmax_one_hot(x):
     b + bit (a - b) and the new one-hot [bit oh(a), oh(b) - bit oh(b)], whose
     width doubles. Level 0's one-hots are the public [1], [1]. Everything
     stays exact (integers times 0/1 bits); no party learns any comparison.
-    Cost: log2(V) levels of (C on the remaining pairs + 1 round).
+
+    With two parties under dealt comparison tables (``approx.comparison: tables``, the default) the
+    comparison reads the whole 64-bit ring element (exact for any value, as CrypTen's circuit is) and
+    the bit is multiplied while it is converted (:func:`mpc_lm.approx.bits_times`): 5 rounds per level
+    (4 where the level's tables fit the wide form), against CrypTen's comparison and B2A plus the
+    product (about 10). Cost: log2(V) levels of (C + 1 round).
     """
     n = x.size(-1)
     if n == 1:
@@ -201,17 +206,23 @@ def argmax_one_hot(x):
     while vals.size(-1) > 1:
         a, b = vals[..., 0::2], vals[..., 1::2]
         diff = a - b
-        bit = diff.ge(0)  # precision 0, shape (..., m)
+        raw = reinterpret(diff, 0).unsqueeze(-1)
         if onehot is None:
-            new_val = b + diff * bit
+            packed = crypten.cat([raw, _ones_like(raw)], dim=-1)  # (..., m, 2): [a - b | 1]
+        else:
+            packed = crypten.cat([raw, onehot[..., 0::2, :], onehot[..., 1::2, :]], dim=-1)
+        bits = approx.ge_binary(diff, [0.0], lanes=(64, 0), form="wide")  # [a >= b], XOR shares, or None
+        if bits is not None:  # one round: the bit converted inside its product
+            (prod,) = approx.bits_times([(bits[0].unsqueeze(-1).expand(*packed.size()), packed)])
+        else:  # CrypTen's comparison (its B2A included), then one product
+            prod = packed * diff.ge(0).unsqueeze(-1)
+        new_val = b + reinterpret(prod[..., 0], bits_fixed)
+        if onehot is None:
+            bit = prod[..., 1]
             new_oh = crypten.stack([bit, 1 - bit], dim=-1)  # (..., m, 2)
         else:
-            oh_a, oh_b = onehot[..., 0::2, :], onehot[..., 1::2, :]
-            block = oh_a.size(-1)
-            packed = crypten.cat([reinterpret(diff, 0).unsqueeze(-1), oh_a, oh_b], dim=-1)
-            prod = packed * bit.unsqueeze(-1)  # one round, exact
-            new_val = b + reinterpret(prod[..., 0], bits_fixed)
-            new_oh = crypten.cat([prod[..., 1 : 1 + block], oh_b - prod[..., 1 + block :]], dim=-1)
+            block = onehot.size(-1)
+            new_oh = crypten.cat([prod[..., 1 : 1 + block], onehot[..., 1::2, :] - prod[..., 1 + block :]], dim=-1)
         vals, onehot = new_val, new_oh
     oh = onehot.reshape(*onehot.size()[:-2], -1)
     return oh[..., :n], vals[..., 0]

@@ -565,3 +565,37 @@ def test_row_max_selects_each_groups_winner_in_one_opening():
             # C + 1 per level: the comparison's opening (one-chunk tables) or opening + AND, then the selection
             assert rounds == (2 if shift == "True" else 3) * levels, (key, out)
         assert out["128/True"][2] == 8, out  # a pair step, then three groups of four: 64, 16, 4, 1
+
+
+@crypten.mpc.run_multiprocess(world_size=2)
+def _argmax_world():
+    """The causal LMs' secret argmax (next token) under ``tables`` against CrypTen's comparisons."""
+    from mpc_lm import approx_causal
+
+    c, g = _counted_tables_world(43)
+    z = torch.randn(6, 300, generator=g) * 4
+    z[0] = 0.5  # all tied: the lowest index wins, like torch.argmax
+    z[1, 17], z[1, 250] = 9.0, 9.0  # a tie between two maxima
+    z[2] = torch.randn(300, generator=g) * 2000  # differences beyond the packed lanes' 2^15
+    z[3, 299] = 30000.0  # the last real entry, beside the padding
+    z[4, 5], z[4, 6] = 7.0, 7.0 + 2**-16  # one fixed-point unit apart
+    out = {}
+    for method in ("crypten", "tables"):
+        approx.COMPARISON["method"] = method
+        c.reset_communication_stats()
+        oh, top = approx_causal.argmax_one_hot(crypten.cryptensor(z))
+        stats = c.get_communication_stats()
+        got = oh.get_plain_text()
+        out[method] = [bool(torch.equal(got.long(), torch.nn.functional.one_hot(z.argmax(-1), 300))),
+                       float((top.get_plain_text() - z.max(-1).values).abs().max()), stats["rounds"], stats["bytes"]]
+    return out
+
+
+def test_argmax_under_tables_is_exact_in_fewer_rounds():
+    for out in _in_fresh_world("_argmax_world"):
+        for method, (exact, top_err, rounds, nbytes) in out.items():
+            assert exact and top_err < 1e-3, out
+        # 9 levels (300 -> 512) of 64-bit tables (the opening and 3 AND levels; 2 where the wide form fits)
+        # and the product that converts the bit, against CrypTen's circuit, its B2A and the product
+        assert out["tables"][2] <= 9 * 5 and out["tables"][2] < out["crypten"][2] / 2, out
+        assert out["tables"][3] < out["crypten"][3], out
