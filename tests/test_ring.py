@@ -112,6 +112,19 @@ def test_the_product_method_is_chosen_by_measurement_and_either_is_exact(monkeyp
         ring.choose("float32")
 
 
+@pytest.mark.parametrize("rows", [(1,), (3,), (2, 2), (1, 5), (9,), (2, 7)])
+def test_int64_products_with_a_transposed_weight_are_bit_identical(monkeypatch, rows):
+    """A tied LM head's E^T: row by row (mv) for few rows, (E a^T)^T for more; both torch's product."""
+    monkeypatch.setitem(ring.PRODUCTS, "method", "int64")
+    gen = torch.Generator().manual_seed(sum(rows))
+    e, a = _ring(300, 24, gen=gen), _ring(*rows, 24, gen=gen)
+    a.view(-1)[:2] = torch.tensor([LO, HI])
+    want = torch.matmul(a, e.clone().t().contiguous())
+    got = ring.matmul(a, e.t())
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert torch.equal(ring.matmul(a, e.t().contiguous()), want)  # an ordinary layout: torch.matmul
+
+
 def test_truncation_by_shift_adds_up_to_the_value_divided():
     """Two parties' shares of v, each truncated by ring.truncate (the 2-party div_ after ring.install): the
     sum is floor(v / 2^16) or one more, v / 2^16 on average, unless the shares wrap (probability ~|v| / 2^64)."""
