@@ -52,6 +52,14 @@ def step_costs(run) -> dict:
                 cur["dealer_rounds"] = max(cur["dealer_rounds"], t["dealer"]["rounds"])
         pre = [v for v in per_step.values() if v["step"] == "prefill"]
         tok = [v for v in per_step.values() if v["step"] != "prefill"]
+        # step "token{s}" chooses token s and runs the forward pass of its slot, except the last
+        # one, which only chooses: "full_step" is the mean over the steps with both
+        batches: dict[str, list] = {}
+        for key, v in per_step.items():
+            if v["step"] != "prefill":
+                batches.setdefault(key.split(":")[0], []).append(v)
+        full = [v for rows in batches.values()
+                for v in sorted(rows, key=lambda r: int(r["step"][len("token"):]))[:-1]]
 
         def mean(rows, k):
             return statistics.mean(r[k] for r in rows) if rows else 0.0
@@ -65,6 +73,8 @@ def step_costs(run) -> dict:
             "prefill": {k: mean(pre, k) for k in keys},
             "per_token": {k: mean(tok, k) for k in keys},
             "tokens": len(tok),
+            "full_step": {k: mean(full, k) for k in keys},
+            "full_steps": len(full),
             "offline": {"offline_s": max((o.get("offline_s", 0.0) for o in offline), default=0.0),
                         "plan_s": max((o.get("plan_s", 0.0) for o in offline), default=0.0),
                         "dealer_bytes": max((p["traffic"]["dealer"]["bytes_received"] for p in phases), default=0)
@@ -159,7 +169,10 @@ def _cmd(args, kind: str) -> int:
         t = Table(title=f"Cost per step for {owner} (max over parties; bytes = online bytes sent by one party)")
         for col in ("step", "wall s", "online bytes", "online rounds", "bytes from dealer"):
             t.add_column(col)
-        for label, c in (("prefill", st["prefill"]), (f"per token (mean of {st['tokens']})", st["per_token"])):
+        rows = [("prefill", st["prefill"]), (f"per token (mean of {st['tokens']})", st["per_token"])]
+        if st["full_steps"]:
+            rows.append((f"choice + forward (mean of {st['full_steps']})", st["full_step"]))
+        for label, c in rows:
             t.add_row(label, f"{c['wall_s']:.2f}", report._fmt_bytes(c["bytes"]), f"{c['rounds']:.0f}",
                       report._fmt_bytes(c["dealer_bytes"]))
         console.print(t)
