@@ -44,6 +44,10 @@ class Rendezvous(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(29500, ge=1, le=65535)
     backend: Literal["gloo", "tls"] = "gloo"
+    exchange_openings: bool = Field(
+        True, description="gloo with two computing parties: each opening of up to 1 MiB is one pairwise "
+        "exchange (half the latency of gloo's all-reduce; same bytes); false: gloo's all-reduce, as stock "
+        "CrypTen (docs/transport.md). TLS always exchanges.")
 
 
 class Timeouts(_Strict):

@@ -199,6 +199,7 @@ def party_session(cfg: ConsortiumConfig, name: str, audit: transport.Audit | Non
         comm = transport.PartyCommunicator(
             store=dist.PrefixStore("pg", store), rank=rank, world_size=cfg.world_size,
             init_ttp=cfg.dealer is not None, timeout_s=cfg.timeouts.op_s, name=name, audit=audit,
+            exchange=cfg.rendezvous.exchange_openings,
         )
     transport.install(comm)
     if device.type == "cuda":

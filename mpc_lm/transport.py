@@ -122,13 +122,14 @@ class PartyCommunicator(DistributedCommunicator):
     """A CrypTen communicator built on an already-rendezvoused store."""
 
     def __init__(self, *, store, rank: int, world_size: int, init_ttp: bool,
-                 timeout_s: float, name: str, audit: Audit | None = None):
+                 timeout_s: float, name: str, audit: Audit | None = None, exchange: bool = True):
         # Deliberately not calling DistributedCommunicator.__init__: it builds the
         # process group from environment variables with no timeout.
         self._init_state(rank=rank, world_size=world_size, name=name, audit=audit, backend="gloo")
         total = world_size + 1 if init_ttp else world_size
         timeout = timedelta(seconds=timeout_s)
         self._op_timeout = timeout
+        self._exchange = exchange
         dist.init_process_group(backend="gloo", store=store, rank=rank, world_size=total, timeout=timeout)
         self.ttp_group = dist.new_group(list(range(total)), timeout=timeout)
         if total > 1:
@@ -216,7 +217,7 @@ class PartyCommunicator(DistributedCommunicator):
 
     def _exchanges(self, items, op) -> bool:
         """Whether an ``all_reduce`` of ``items`` is made as a pairwise exchange (:data:`EXCHANGE_MAX_BYTES`)."""
-        return (self.distributed_backend == "gloo" and self.world_size == 2 and self.rank in (0, 1)
+        return (self.distributed_backend == "gloo" and getattr(self, "_exchange", False) and self.world_size == 2 and self.rank in (0, 1)
                 and op in (dist.ReduceOp.SUM, dist.ReduceOp.BXOR)
                 and all(torch.is_tensor(t) and t.device.type == "cpu" for t in items)
                 and sum(_nbytes(t) for t in items) <= EXCHANGE_MAX_BYTES)

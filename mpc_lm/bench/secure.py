@@ -116,6 +116,7 @@ def build_config(spec: dict, mode: str, texts: list[str], model_dir: Path, work:
     if mode == "crypten-naive":  # stock CrypTen: a dealer request/response per multiplication, its own streams
         data["preprocessing"] = {**data.get("preprocessing", {}), "mode": "on_demand", "weight_masks": False}
         data["security"] = {**data.get("security", {}), "prg": "torch"}
+        data["rendezvous"] = {**data.get("rendezvous", {}), "exchange_openings": False}  # gloo's all-reduce
     path = work / "consortium.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path, assignment
