@@ -182,6 +182,11 @@ class Preprocessing(_Strict):
         True, description="with weight masks and the offline phase, each party forms a (W - B) of its products "
                           "with a weight in the offline phase: one local matmul online instead of two, for more "
                           "offline work and memory (docs/performance.md lever 18); false forms it online")
+    draws_ahead: bool = Field(
+        True, description="with the offline phase, each party draws its dealer-stream randomness for the whole "
+                          "planned computation in the offline phase (party 1 its dealt shares too): the online "
+                          "phase only reads it, for the memory it takes (docs/performance.md lever 23); false "
+                          "draws online")
     reuse_segments: bool = Field(
         True, description="plan each repeated transformer layer once per offline dry run and reuse its "
                           "dealer requests for the others (mpc_lm/offline.py segment); false plans every layer")

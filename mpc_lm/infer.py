@@ -137,7 +137,7 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch, labels, params, progre
         progress = _progress.reporter(owner, n, f"{owner}: encrypted {ctx.config.job.kind}")
     outputs = []
     offline_stats = stats if stats is not None else {}
-    offline_stats.update(offline_s=0.0, plan_s=0.0, requests=0, products_ahead=0)
+    offline_stats.update(offline_s=0.0, plan_s=0.0, requests=0, products_ahead=0, draws_ahead=0)
     for start in range(0, n, job.batch_size):
         size = min(job.batch_size, n - start)
         batch = None
@@ -153,6 +153,7 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch, labels, params, progre
             offline_stats["plan_s"] += pre["plan_s"]
             offline_stats["requests"] += pre["requests"]
             offline_stats["products_ahead"] += pre["products_ahead"]
+            offline_stats["draws_ahead"] += pre["draws_ahead"]
         plain = open_to(result, dst=src)
         if mine:
             outputs.append(plain.cpu())

@@ -84,6 +84,10 @@ class PlannedDealer(TrustedThirdParty):
         self.opened: dict = {}  # weight id -> E = W - B (public to the computing parties; premask.mask_weights)
         self.mask_generators: dict = {}  # device type -> this party's stream for premasked products' masks
         self.products_ahead: deque = deque()  # replay: (a, a @ E) per premasked product, made offline
+        # record: per request, the (size, draw) of what every party draws from its dealer stream and of
+        # the dealt share (which party 1 draws too); replay: each request's draws, made offline (or empty)
+        self.draw_specs: list = []
+        self.drawn: deque = deque()
 
     # -- helpers
     def _record(self, function: str, device, result_size, *args, **kwargs) -> None:
@@ -107,11 +111,23 @@ class PlannedDealer(TrustedThirdParty):
         or asks the dealer's ``function(*args, **kwargs)`` for (pass)."""
         if self.mode == "record":
             self._record(function, device, dealt[0], *args, **(kwargs or {}))
+            self.draw_specs.append((tuple(seeded), dealt))
             return [_zeros(size, device) for size, _ in seeded + [dealt]]
-        gen = TTPClient.get().get_generator(device=device)
-        out = [draw(size, gen, device) for size, draw in seeded]
         size, draw = dealt
-        if comm.get().get_rank() != 0:
+        rank0 = comm.get().get_rank() == 0
+        if self.mode == "replay" and self.drawn:
+            out = self.drawn.popleft()
+            want = [tuple(sz) for sz, _ in seeded] + ([] if rank0 else [tuple(size)])
+            if [tuple(t.size()) for t in out] != want:
+                raise PlanMismatch(f"offline plan mismatch at {function}: drew {[tuple(t.size()) for t in out]} "
+                                   f"ahead, asked {want}")
+            out = list(out)
+            if rank0:
+                out.append(self._take(function, size))
+            return out
+        gen = TTPClient.get().get_generator(device=device)
+        out = [draw(sz, gen, device) for sz, draw in seeded]
+        if not rank0:
             out.append(draw(size, gen, device))
         elif self.mode == "replay":
             out.append(self._take(function, size))
@@ -293,6 +309,22 @@ def products_ahead(provider: "PlannedDealer", requests: list) -> deque:
     return out
 
 
+def draws_ahead(requests: list, specs: list) -> deque:
+    """Everything this party draws from its dealer stream for a plan's requests, in order, made in the
+    offline phase: the masks every party draws (a Beaver triple's a and b, a table's r, ...) and, at the
+    parties other than 0, their dealt shares (party 0 takes its own from the dealer). The online run then
+    only reads them (docs/performance.md, lever 23); the draws are the same, in the same order."""
+    rank0 = comm.get().get_rank() == 0
+    out: deque = deque()
+    for (_, device, _, _), (seeded, (size, draw)) in zip(requests, specs, strict=True):
+        gen = TTPClient.get().get_generator(device=device)
+        drawn = [d(sz, gen, device) for sz, d in seeded]
+        if not rank0:
+            drawn.append(draw(size, gen, device))
+        out.append(tuple(drawn))
+    return out
+
+
 def _ring(size, gen, device):
     return prg.ring(size, gen, device)
 
@@ -456,18 +488,20 @@ def segment(name: str, fn, *args):
         start = len(provider.requests)
         result = fn(*args)
         requests, sizes = provider.requests[start:], provider.result_sizes[start:]
+        specs = provider.draw_specs[start:]
         for function, _, req_args, _ in requests:
             if function == "masked" and req_args[1] not in wids:
                 raise RuntimeError(f"offline.segment {name!r} used a premasked weight that is not among its arguments")
-        _SEGMENTS[key] = (requests, sizes, wids, result)
+        _SEGMENTS[key] = (requests, sizes, wids, result, specs)
         return result
-    requests, sizes, first_wids, result = known
+    requests, sizes, first_wids, result, specs = known
     renamed = dict(zip(first_wids, wids))
     for function, device, req_args, kwargs in requests:
         if function == "masked":
             req_args = (req_args[0], renamed[req_args[1]], *req_args[2:])
         provider.requests.append((function, device, req_args, kwargs))
     provider.result_sizes.extend(sizes)
+    provider.draw_specs.extend(specs)
     return _meta(result)
 
 
@@ -475,6 +509,8 @@ def segment(name: str, fn, *args):
 
 
 _PLANS: dict = {}
+# id of a plan's request list -> its draw specs (PlannedDealer.draw_specs), kept with the plan in _PLANS
+_DRAW_SPECS: dict = {}
 
 
 def _fetch(requests: list[tuple], sizes: list[torch.Size], chunk_bytes: int) -> tuple[deque, int]:
@@ -566,16 +602,17 @@ def plan(fn, args, reuse_segments: bool = True) -> tuple[list, list]:
     (:func:`segment`) are planned once."""
     global _SEGMENTS
     provider = install()
-    provider.mode, provider.requests, provider.result_sizes = "record", [], []
+    provider.mode, provider.requests, provider.result_sizes, provider.draw_specs = "record", [], [], []
     provider.plan_device = _device_of(args)
     _SEGMENTS = {} if reuse_segments else None
     try:
         with _dry():
             fn(*_meta(args))
+        _DRAW_SPECS[id(provider.requests)] = provider.draw_specs  # for run(), beside the plan it returns
         return provider.requests, provider.result_sizes
     finally:
         provider.mode, _SEGMENTS = "pass", None
-        provider.requests, provider.result_sizes = [], []
+        provider.requests, provider.result_sizes, provider.draw_specs = [], [], []
 
 
 def run(cfg, key, fn, *args):
@@ -602,16 +639,21 @@ def run(cfg, key, fn, *args):
     if cfg.preprocessing.weight_products_ahead:
         provider.products_ahead = products_ahead(provider, requests)
     ahead = len(provider.products_ahead)
+    if cfg.preprocessing.draws_ahead:
+        provider.drawn = draws_ahead(requests, _DRAW_SPECS[id(requests)])
+    drawn = len(provider.drawn)
     offline_s = time.perf_counter() - started
     provider.mode = "replay"
     try:
         result = fn(*args)
-        if provider.queue or provider.products_ahead:
-            raise PlanMismatch(f"the online run left {len(provider.queue)} planned dealer answers and "
-                               f"{len(provider.products_ahead)} premasked products unused")
+        if provider.queue or provider.products_ahead or provider.drawn:
+            raise PlanMismatch(f"the online run left {len(provider.queue)} planned dealer answers, "
+                               f"{len(provider.products_ahead)} premasked products and {len(provider.drawn)} "
+                               "draws unused")
     finally:
         provider.mode, provider.queue, provider.products_ahead = "pass", deque(), deque()
+        provider.drawn = deque()
     stats = {"offline_s": round(offline_s, 4), "plan_s": round(plan_s, 4), "plan_cached": planned,
-             "requests": len(requests), "chunks": chunks, "products_ahead": ahead,
+             "requests": len(requests), "chunks": chunks, "products_ahead": ahead, "draws_ahead": drawn,
              "elements": int(sum(math.prod(s) for s in sizes))}
     return result, stats
