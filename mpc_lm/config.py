@@ -183,10 +183,10 @@ class Preprocessing(_Strict):
                           "with a weight in the offline phase: one local matmul online instead of two, for more "
                           "offline work and memory (docs/performance.md lever 18); false forms it online")
     draws_ahead: bool = Field(
-        True, description="with the offline phase, each party draws its dealer-stream randomness for the whole "
-                          "planned computation in the offline phase (party 1 its dealt shares too): the online "
-                          "phase only reads it, for the memory it takes (docs/performance.md lever 23); false "
-                          "draws online")
+        False, description="with the offline phase, each party draws its dealer-stream randomness for the whole "
+                           "planned computation in the offline phase (party 1 its dealt shares too): the online "
+                           "phase only reads it, for more offline time and memory (docs/performance.md lever 23: "
+                           "no measurable online gain on a 2-core CPU); false (the default) draws online")
     reuse_segments: bool = Field(
         True, description="plan each repeated transformer layer once per offline dry run and reuse its "
                           "dealer requests for the others (mpc_lm/offline.py segment); false plans every layer")

@@ -137,26 +137,29 @@ def test_real_minilm_embeddings_match_plaintext(tmp_path):
     assert cos.min().item() > 0.999
 
 
-def test_products_with_weights_and_draws_made_online_when_not_ahead(tmp_path, tiny_models, default_run):
+def test_products_with_weights_made_online_and_draws_made_ahead_when_asked(tmp_path, tiny_models, default_run):
     """preprocessing.weight_products_ahead (the default): each computing party draws the masks a of its
     products with a premasked weight from its mask stream and forms a (W - B) in the offline phase, one per
-    product the plan lists; preprocessing.draws_ahead (the default): each draws its dealer-stream randomness
-    for every planned request there too. Switched off, both happen online from the same streams: the same
-    rounds and bytes, the fidelity bounds hold."""
+    product the plan lists; switched off, it does both online from the same stream. preprocessing.draws_ahead
+    (off by default): each party draws its dealer-stream randomness for every planned request in the offline
+    phase instead of online. Either way the same rounds and bytes, and the fidelity bounds hold."""
     default = default_run("bert")
     planned = _check(default)["inference"]["hospital"]
-    for key in ("products_ahead", "draws_ahead"):
-        made = {p.name: default.results[p.name]["data_owners"]["hospital"]["offline"][key]
-                for p in default.config.computing_parties}
-        assert len(set(made.values())) == 1 and next(iter(made.values())) > 0, (key, made)
+    offline = {p.name: default.results[p.name]["data_owners"]["hospital"]["offline"]
+               for p in default.config.computing_parties}
+    made = {name: o["products_ahead"] for name, o in offline.items()}
+    assert len(set(made.values())) == 1 and next(iter(made.values())) > 0, made
+    assert {o["draws_ahead"] for o in offline.values()} == {0}
     run = launch(write_config(tmp_path, tiny_models["bert"],
-                              preprocessing={"weight_products_ahead": False, "draws_ahead": False}))
+                              preprocessing={"weight_products_ahead": False, "draws_ahead": True}))
     online = _check(run)["inference"]["hospital"]
     assert online["rounds"] == planned["rounds"]
     for name, party in online["per_party"].items():
         assert party["online_bytes_sent"] == planned["per_party"][name]["online_bytes_sent"]
-    offline = run.results["hospital"]["data_owners"]["hospital"]["offline"]
-    assert offline["products_ahead"] == 0 and offline["draws_ahead"] == 0
+    offline = {p.name: run.results[p.name]["data_owners"]["hospital"]["offline"] for p in run.config.computing_parties}
+    assert {o["products_ahead"] for o in offline.values()} == {0}
+    drawn = {o["draws_ahead"] for o in offline.values()}
+    assert len(drawn) == 1 and drawn.pop() > 0, offline
 
 
 def test_crypten_generators_for_the_dealer_streams_when_asked(tmp_path, tiny_models, default_run):
