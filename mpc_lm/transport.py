@@ -217,7 +217,8 @@ class PartyCommunicator(DistributedCommunicator):
 
     def _exchanges(self, items, op) -> bool:
         """Whether an ``all_reduce`` of ``items`` is made as a pairwise exchange (:data:`EXCHANGE_MAX_BYTES`)."""
-        return (self.distributed_backend == "gloo" and getattr(self, "_exchange", False) and self.world_size == 2 and self.rank in (0, 1)
+        return (self.distributed_backend == "gloo" and getattr(self, "_exchange", False)
+                and self.world_size == 2 and self.rank in (0, 1)
                 and op in (dist.ReduceOp.SUM, dist.ReduceOp.BXOR)
                 and all(torch.is_tensor(t) and t.device.type == "cpu" for t in items)
                 and sum(_nbytes(t) for t in items) <= EXCHANGE_MAX_BYTES)

@@ -124,7 +124,7 @@ def test_three_parties_and_two_data_owners(tmp_path, tiny_models):
 
 def test_real_minilm_embeddings_match_plaintext(tmp_path):
     """The real all-MiniLM-L6-v2 checkpoint (6 layers), embedding task, no head."""
-    run = launch(write_config(tmp_path, minilm_dir(), task="embedding", kind="embed", texts=TEXTS[:3]))
+    launch(write_config(tmp_path, minilm_dir(), task="embedding", kind="embed", texts=TEXTS[:3]))
     rows = [json.loads(line) for line in (tmp_path / "hospital.jsonl").read_text().splitlines()]
     from mpc_lm.config import load_config
     from mpc_lm.reference import plaintext_outputs
