@@ -1,14 +1,16 @@
 """Cost of one encrypted generation step at real shapes (random weights).
 
     python -m mpc_lm.bench_causal [--family gpt2] [--layers 12] [--hidden 768] [--heads 12]
-        [--vocab 50257] [--prompt 64] [--new 1] [--device cpu|cuda] [--port 29690]
+        [--vocab 50257] [--prompt 64] [--new 2] [--device cpu|cuda] [--port 29690]
         [--on-demand] [--no-weight-masks]
 
 Builds (once, under $MPC_LM_CACHE) a random checkpoint of the given shape
 (defaults: GPT-2 small), launches model owner + data owner + dealer on this
 machine with a ``prompt``-token prompt, generates ``new`` tokens greedily
 and prints JSON: wall seconds, online bytes sent per party, online rounds,
-dealer bytes, for the prefill and per generated token.
+dealer bytes, for the prefill, per step (``per_token``: the mean over all steps, the
+last of which only chooses a token) and per full step (``full_step``: choosing a token
+and running its forward pass, the cost of one more token; needs ``--new`` >= 2).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--new", type=int, default=1)
+    ap.add_argument("--new", type=int, default=2,
+                    help="tokens to generate (>= 2 for a full step: the last step only chooses)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--port", type=int, default=29690)
     ap.add_argument("--on-demand", action="store_true",
