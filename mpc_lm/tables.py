@@ -228,16 +228,22 @@ def sign_protocol(values: torch.Tensor, lane_bits: int, dealt, offsets=None, for
         c = (c.unsqueeze(0) - torch.as_tensor(offsets, dtype=torch.long, device=c.device).view(-1, 1)) & full
     chunks, words = layout(lane_bits, n, form)
     tables = tables.contiguous()
-    row_start = torch.arange(n, device=c.device) * words  # each element's first word, flat
+    row_start = None
 
-    def look(offset, index):
-        at = offset + index  # the table's bit offset + the entry
-        return (torch.take(tables, row_start + (at >> 6)) >> (at & 63)) & 1
+    def look(offset, bits, index):
+        """Entry ``index`` of the table of 2^bits entries at bit ``offset`` of each element's words."""
+        nonlocal row_start
+        if bits <= 6:  # within one word (tables of <= 64 entries never straddle one): a shift, no gather
+            return (tables[:, offset // 64] >> (offset % 64)).unsqueeze(0) >> index & 1
+        if row_start is None:
+            row_start = torch.arange(n, device=c.device) * words  # each element's first word, flat
+        word = torch.take(tables, row_start + (offset // 64) + (index >> 6))  # whole words: offset % 64 == 0
+        return (word >> (index & 63)) & 1
 
     nodes = []
     for shift, bits, lt, eq in chunks:
         index = (c >> shift) & ((1 << bits) - 1)
-        nodes.append((look(lt, index).reshape(-1), None if eq is None else look(eq, index).reshape(-1)))
+        nodes.append((look(lt, bits, index).reshape(-1), None if eq is None else look(eq, bits, index).reshape(-1)))
     m = c.numel()
     while len(nodes) > 1:
         pairs = [(nodes[i], nodes[i + 1]) for i in range(0, len(nodes) - 1, 2)]
