@@ -125,18 +125,25 @@ class Dealer(TTPServer):
 STREAMS: dict = {}
 
 
-def init_client() -> None:
-    """A computing party's half of the seed exchange over gloo (CrypTen's ``TTPClient._init``): its seed
-    from the dealer, its streams from it (mpc_lm/prg.py)."""
+def install_client(ttp_group, comm_group, seed: torch.Tensor) -> None:
+    """CrypTen's ``TTPClient`` singleton for a computing party, its streams made from the ``seed`` the dealer
+    sent it (mpc_lm/prg.py), whichever transport carried the seed."""
     from crypten.mpc.provider.ttp_provider import TTPClient
 
     client = object.__new__(TTPClient._TTPClient__TTPClient)  # the private singleton class
-    client.ttp_group, client.comm_group = comm.get().ttp_group, comm.get().ttp_comm_group
-    seed = torch.empty(prg.seed_size(), dtype=torch.long)
-    dist.irecv(tensor=seed, src=comm.get().get_ttp_rank(), group=client.ttp_group).wait()
-    dist.barrier(group=client.ttp_group)
+    client.ttp_group, client.comm_group = ttp_group, comm_group
     client.generator, client.generator_cuda = prg.generators(seed)
     TTPClient._TTPClient__instance = client
+
+
+def init_client() -> None:
+    """A computing party's half of the seed exchange over gloo (CrypTen's ``TTPClient._init``): its seed
+    from the dealer, its streams from it."""
+    c = comm.get()
+    seed = torch.empty(prg.seed_size(), dtype=torch.long)
+    dist.irecv(tensor=seed, src=c.get_ttp_rank(), group=c.ttp_group).wait()
+    dist.barrier(group=c.ttp_group)
+    install_client(c.ttp_group, c.ttp_comm_group, seed)
 
 
 def serve() -> int:

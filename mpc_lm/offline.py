@@ -87,6 +87,7 @@ class PlannedDealer(TrustedThirdParty):
         # record: per request, the (size, draw) of what every party draws from its dealer stream and of
         # the dealt share (which party 1 draws too); replay: each request's draws, made offline (or empty)
         self.draw_specs: list = []
+        self.planned_draws: list = []  # the last dry run's draw_specs
         self.drawn: deque = deque()
 
     # -- helpers
@@ -509,8 +510,6 @@ def segment(name: str, fn, *args):
 
 
 _PLANS: dict = {}
-# id of a plan's request list -> its draw specs (PlannedDealer.draw_specs), kept with the plan in _PLANS
-_DRAW_SPECS: dict = {}
 
 
 def _fetch(requests: list[tuple], sizes: list[torch.Size], chunk_bytes: int) -> tuple[deque, int]:
@@ -608,7 +607,7 @@ def plan(fn, args, reuse_segments: bool = True) -> tuple[list, list]:
     try:
         with _dry():
             fn(*_meta(args))
-        _DRAW_SPECS[id(provider.requests)] = provider.draw_specs  # for run(), beside the plan it returns
+        provider.planned_draws = provider.draw_specs  # what each request draws, for run() to keep with the plan
         return provider.requests, provider.result_sizes
     finally:
         provider.mode, _SEGMENTS = "pass", None
@@ -630,8 +629,8 @@ def run(cfg, key, fn, *args):
     started = time.perf_counter()
     planned = key in _PLANS
     if not planned:
-        _PLANS[key] = plan(fn, args, cfg.preprocessing.reuse_segments)
-    requests, sizes = _PLANS[key]
+        _PLANS[key] = (*plan(fn, args, cfg.preprocessing.reuse_segments), provider.planned_draws)
+    requests, sizes, specs = _PLANS[key]
     plan_s = time.perf_counter() - started
     chunks = 0
     if comm.get().get_rank() == 0 and requests:
@@ -640,7 +639,7 @@ def run(cfg, key, fn, *args):
         provider.products_ahead = products_ahead(provider, requests)
     ahead = len(provider.products_ahead)
     if cfg.preprocessing.draws_ahead:
-        provider.drawn = draws_ahead(requests, _DRAW_SPECS[id(requests)])
+        provider.drawn = draws_ahead(requests, specs)
     drawn = len(provider.drawn)
     offline_s = time.perf_counter() - started
     provider.mode = "replay"

@@ -728,14 +728,11 @@ def is_tls(comm) -> bool:
 
 def init_ttp_client(comm: TlsCommunicator) -> None:
     """CrypTen's ``TTPClient._init`` without torch.distributed: the dealer's seed comes over TLS."""
-    from crypten.mpc.provider.ttp_provider import TTPClient
+    from .dealer import install_client
 
-    client = object.__new__(TTPClient._TTPClient__TTPClient)  # the private singleton class
-    client.ttp_group, client.comm_group = comm.ttp_group, comm.ttp_comm_group
     seed = comm._recv_t(comm.get_ttp_rank(), TTP, torch.empty(prg.seed_size(), dtype=torch.long))
     comm.group_barrier(comm.ttp_group)
-    client.generator, client.generator_cuda = prg.generators(seed)  # mpc_lm/prg.py
-    TTPClient._TTPClient__instance = client
+    install_client(comm.ttp_group, comm.ttp_comm_group, seed)
 
 
 def setup_dealer_generators(server, comm: TlsCommunicator) -> None:

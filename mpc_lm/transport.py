@@ -217,7 +217,7 @@ class PartyCommunicator(DistributedCommunicator):
 
     def _exchanges(self, items, op) -> bool:
         """Whether an ``all_reduce`` of ``items`` is made as a pairwise exchange (:data:`EXCHANGE_MAX_BYTES`)."""
-        return (self.distributed_backend == "gloo" and getattr(self, "_exchange", False)
+        return (self.distributed_backend == "gloo" and self._exchange
                 and self.world_size == 2 and self.rank in (0, 1)
                 and op in (dist.ReduceOp.SUM, dist.ReduceOp.BXOR)
                 and all(torch.is_tensor(t) and t.device.type == "cpu" for t in items)
