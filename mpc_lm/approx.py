@@ -676,7 +676,7 @@ def _select_fma_combine(z: torch.Tensor, d: torch.Tensor, a: torch.Tensor, tail:
     if first:
         s = s + d_u * d_w + d_l * lift
     m_s = _bit_times(zm, s, r_s)
-    m_s = ring.truncate(m_s, lift, first)  # truncated once, as a 2-party mul
+    m_s = ring.truncate_(m_s, lift, first)  # truncated once, as a 2-party mul (m_s is this function's own)
     # h X as bit_mul: b v = z v + (1 - 2 z)(r v), r v = r a + r d
     xv = d_x + a_x if first else a_x
     h_x = _bit_times(zh, xv, rh_x + rh * d_x)

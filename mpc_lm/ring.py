@@ -203,8 +203,14 @@ def truncate(share: torch.Tensor, divisor: int, first: bool) -> torch.Tensor:
     on average (rounding up with probability frac(v / d)) unless the shares wrap (probability ~|v| / 2^64).
     About ten times faster than CrypTen's int64 division toward zero; two floors alone would be one unit
     low on average."""
-    shift = divisor.bit_length() - 1
-    return ((share + divisor) if first else share) >> shift
+    return truncate_(share.clone(), divisor, first)
+
+
+def truncate_(share: torch.Tensor, divisor: int, first: bool) -> torch.Tensor:
+    """:func:`truncate` in place (``share`` is overwritten and returned)."""
+    if first:
+        share.add_(divisor)
+    return share.bitwise_right_shift_(divisor.bit_length() - 1)
 
 
 _CRYPTEN: dict = {}  # set by install(): CrypTen's own div_, its communicator module and config
@@ -219,9 +225,7 @@ def _div_(self, y):
     if (isinstance(y, int) and y > 0 and y & (y - 1) == 0 and type(share) is torch.Tensor
             and share.dtype == torch.long and comm.get_world_size() == 2
             and not _CRYPTEN["cfg"].debug.validation_mode):
-        if comm.get_rank() == 0:
-            share.add_(y)  # see truncate: unbiased
-        share.bitwise_right_shift_(y.bit_length() - 1)
+        truncate_(share, y, comm.get_rank() == 0)
         return self
     return _CRYPTEN["div_"](self, y)
 
