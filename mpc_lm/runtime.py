@@ -200,6 +200,7 @@ def party_session(cfg: ConsortiumConfig, name: str, audit: transport.Audit | Non
             store=dist.PrefixStore("pg", store), rank=rank, world_size=cfg.world_size,
             init_ttp=cfg.dealer is not None, timeout_s=cfg.timeouts.op_s, name=name, audit=audit,
             exchange=cfg.rendezvous.exchange_openings,
+            pair_host=cfg.rendezvous.host if cfg.rendezvous.exchange_socket else None,
         )
     transport.install(comm)
     if device.type == "cuda":

@@ -1,5 +1,8 @@
-"""The gloo communicator's openings between two parties: a pairwise exchange up to 1 MiB, gloo's
-all-reduce above it or when ``rendezvous.exchange_openings`` is false; the same sums either way."""
+"""The gloo communicator's openings between two parties: a pairwise exchange up to 1 MiB (over the
+parties' own socket, or gloo's isend/irecv), gloo's all-reduce above it or when
+``rendezvous.exchange_openings`` is false; the same sums and the same counted traffic every way. The
+exchange socket admits only the party holding the store's token, and a stopped or silent peer ends an
+exchange with a clear error."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _party(rank: int, port: int, exchange: bool, out) -> None:
+def _party(rank: int, port: int, mode: str, out) -> None:
     import torch
     import torch.distributed as dist
 
@@ -22,7 +25,9 @@ def _party(rank: int, port: int, exchange: bool, out) -> None:
 
     store = dist.TCPStore("127.0.0.1", port, world_size=2, is_master=rank == 0, timeout=timedelta(seconds=60))
     comm = transport.PartyCommunicator(store=store, rank=rank, world_size=2, init_ttp=False, timeout_s=60,
-                                       name=f"p{rank}", exchange=exchange)
+                                       name=f"p{rank}", exchange=mode != "allreduce",
+                                       pair_host="127.0.0.1" if mode == "socket" else None)
+    assert (comm._pair is not None) == (mode == "socket")
     used = []
     original = comm._exchange_reduce
     comm._exchange_reduce = lambda items, op: used.append(True) or original(items, op)
@@ -41,10 +46,10 @@ def _party(rank: int, port: int, exchange: bool, out) -> None:
     out.put((rank, results))
 
 
-def _run(exchange: bool) -> dict:
+def _run(mode: str) -> dict:
     ctx = mp.get_context("spawn")
     out, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_party, args=(r, port, exchange, out)) for r in range(2)]
+    procs = [ctx.Process(target=_party, args=(r, port, mode, out)) for r in range(2)]
     for p in procs:
         p.start()
     got = dict(out.get(timeout=120) for _ in procs)
@@ -58,8 +63,9 @@ def _wrap(v: int) -> int:
 
 
 def test_openings_exchange_up_to_a_mebibyte_and_sum_as_gloo_does():
-    results = {exchange: _run(exchange) for exchange in (True, False)}
-    for exchange, got in results.items():
+    results = {mode: _run(mode) for mode in ("socket", "gloo", "allreduce")}
+    for mode, got in results.items():
+        exchange = mode != "allreduce"
         for name in ("small", "large"):
             a, b = got[0][name], got[1][name]
             want_sum = [_wrap(u + v) for u, v in zip(a["mine"], b["mine"])]
@@ -69,5 +75,79 @@ def test_openings_exchange_up_to_a_mebibyte_and_sum_as_gloo_does():
                 assert got[r][name]["pair"] == want_sum[:7]
             # exchanged: the small openings (three calls) when asked; never above 1 MiB
             assert a["exchanged"] == (3 if exchange and name == "small" else 0), (exchange, name, a["exchanged"])
-    # the same bytes and rounds counted either way
-    assert results[True][0]["traffic"] == results[False][0]["traffic"]
+    # the same bytes and rounds counted every way
+    assert results["socket"][0]["traffic"] == results["gloo"][0]["traffic"] == results["allreduce"][0]["traffic"]
+
+
+def _pair_sockets(timeout_s: float = 20.0):
+    """Both ends of a PairSocket in this process (rank 0 accepting in a thread)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from mpc_lm.pair_socket import PairSocket
+
+    port = _free_port()
+    master = dist.TCPStore("127.0.0.1", port, world_size=2, is_master=True,
+                           timeout=timedelta(seconds=20), wait_for_workers=False)
+    got = {"master": master}  # one store client per thread: a client is not shared across threads
+    t = threading.Thread(target=lambda: got.update(a=PairSocket.connect(master, 0, "127.0.0.1", timeout_s)))
+    t.start()
+    client = dist.TCPStore("127.0.0.1", port, world_size=2, is_master=False, timeout=timedelta(seconds=20))
+    return client, t, got
+
+
+def test_exchange_socket_admits_only_the_token_holder_and_exchanges():
+    import threading
+
+    import torch
+
+    from mpc_lm.pair_socket import PairSocket
+
+    store, t, got = _pair_sockets()
+    port = int(store.get("pair_socket/port").decode())
+    with socket.create_connection(("127.0.0.1", port)) as stranger:  # knows the port, not the token
+        stranger.sendall(b"\0" * 32)
+        stranger.settimeout(10)
+        assert stranger.recv(1) == b""  # closed on it
+    b = PairSocket.connect(store, 1, "127.0.0.1", 20)
+    t.join(20)
+    a = got["a"]
+    big = torch.arange(300_000, dtype=torch.long)  # larger than a socket buffer: both directions at once
+    mine = {0: [torch.tensor([1, 2, 3]), big, torch.ones(2, dtype=torch.bool)],
+            1: [torch.tensor([7, 8, 9]), -big, torch.zeros(2, dtype=torch.bool)]}
+    theirs = {r: [torch.empty_like(x) for x in mine[r]] for r in (0, 1)}
+    th = threading.Thread(target=a.exchange, args=(mine[0], theirs[0]))
+    th.start()
+    b.exchange(mine[1], theirs[1])
+    th.join(20)
+    for r in (0, 1):
+        for x, y in zip(theirs[r], mine[1 - r]):
+            assert torch.equal(x, y)
+    a.close(), b.close()
+
+
+def test_exchange_socket_reports_a_stopped_or_silent_peer():
+    import time
+
+    import pytest
+    import torch
+
+    from mpc_lm.pair_socket import PairSocket
+
+    store, t, got = _pair_sockets()
+    b = PairSocket.connect(store, 1, "127.0.0.1", 0.5)
+    t.join(20)
+    a = got["a"]
+    a.timeout_s = 0.5
+    x = torch.arange(10)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not answer .* timeouts.op_s=0.5s"):
+        a.exchange([x], [torch.empty_like(x)])  # b never sends
+    assert time.monotonic() - started < 5
+    b.close()
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="closed the connection"):
+        a.exchange([x], [torch.empty_like(x)])
+    assert time.monotonic() - started < 0.5  # at once, not at the timeout
+    a.close()
