@@ -622,9 +622,23 @@ def select4_correlations(r: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return torch.stack(singles + products + times)
 
 
+#: Per element i of a group of four: the rows of z holding its three literals' bits, and their flips.
+_LIT_ROWS = torch.tensor([[p for p, _ in lits] for lits in GROUP_LITERALS])
+_LIT_FLIPS = torch.tensor([[f for _, f in lits] for lits in GROUP_LITERALS])
+#: Per element i and subset m = 1..7 of its literals (bitmask): the row of ``tail`` holding r_m's share.
+_SUBSET_ROWS = torch.tensor([[GROUP_LITERALS[i][m.bit_length() - 1][0] if m & (m - 1) == 0
+                              else 6 + 4 * i + (3, 5, 6, 7).index(m) for m in range(1, 8)] for i in range(4)])
+#: Up to this many groups :func:`_select4_combine` works on all four elements and eight subsets at once
+#: (a dozen tensor calls instead of ~120: a generation step's small selections, where each call's
+#: dispatch is the cost); above it the element-by-element form, whose temporaries stay in the cache.
+SELECT4_STACKED_MAX = 16384
+
+
 def _select4_combine(z: torch.Tensor, d: torch.Tensor, a: torch.Tensor, tail: torch.Tensor, first: bool):
     """This party's share of sum_i W_i x_i (``select4``) from the opened z (6, *g) and d (4, *g), its
     shares of the masks a (4, *g) and of :func:`select4_correlations`' values ``tail`` (50, *g)."""
+    if d[0].numel() <= SELECT4_STACKED_MAX:
+        return _select4_stacked(z, d, a, tail, first)
     lits = GROUP_LITERALS
     total = torch.zeros_like(d[0])
     for i in range(4):
@@ -639,6 +653,20 @@ def _select4_combine(z: torch.Tensor, d: torch.Tensor, a: torch.Tensor, tail: to
             coef = math.prod((1 - 2 * zs[b]) if m >> b & 1 else zs[b] for b in range(3))
             total = total + coef * (d[i] * r_share[m] + tail[22 + 7 * i + m - 1])
     return total
+
+
+def _select4_stacked(z, d, a, tail, first: bool):
+    """:func:`_select4_combine` with the four elements and their subsets as tensor dimensions (bit-identical:
+    the same ring products, summed modulo 2^64 in another order)."""
+    g = d.shape[1:]
+    dev = z.device
+    zs = z[_LIT_ROWS.view(-1).to(dev)].view(4, 3, *g) ^ _LIT_FLIPS.to(dev, z.dtype).view(4, 3, *(1,) * len(g))
+    both = torch.stack((zs, 1 - 2 * zs), dim=2)  # (4, 3, 2, *g): literal b's factor when m's bit b is 0 / 1
+    coef = (both[:, 2, :, None, None] * both[:, 1, None, :, None] * both[:, 0, None, None, :]).reshape(4, 8, *g)
+    x_share = a + d if first else a
+    r = tail[_SUBSET_ROWS.view(-1).to(dev)].view(4, 7, *g)  # a copy, worked on in place
+    r.mul_(d.unsqueeze(1)).add_(tail[22:50].view(4, 7, *g)).mul_(coef[:, 1:])
+    return r.sum((0, 1)).add_(coef[:, 0].mul_(x_share).sum(0))
 
 
 def _tfp_select4(size, device):

@@ -599,3 +599,21 @@ def test_argmax_under_tables_is_exact_in_fewer_rounds():
         # and the product that converts the bit, against CrypTen's circuit, its B2A and the product
         assert out["tables"][2] <= 9 * 5 and out["tables"][2] < out["crypten"][2] / 2, out
         assert out["tables"][3] < out["crypten"][3], out
+
+
+def test_select4_stacked_recombination_is_the_element_by_element_one():
+    """A generation step's small selections recombine with all elements and subsets stacked
+    (``_select4_stacked``); the result is bit-identical to the element-by-element form."""
+    gen = torch.Generator().manual_seed(4)
+    for g in ((12, 1, 16), (3, 5)):
+        z = torch.randint(0, 2, (6, *g), generator=gen)
+        d, a = (torch.randint(-(2**62), 2**62, (4, *g), generator=gen) for _ in range(2))
+        tail = torch.randint(-(2**62), 2**62, (50, *g), generator=gen)
+        for first in (True, False):
+            stacked = approx._select4_stacked(z, d, a, tail, first)
+            old, approx.SELECT4_STACKED_MAX = approx.SELECT4_STACKED_MAX, 0  # the element-by-element form
+            try:
+                loop = approx._select4_combine(z, d, a, tail, first)
+            finally:
+                approx.SELECT4_STACKED_MAX = old
+            assert torch.equal(stacked, loop)
