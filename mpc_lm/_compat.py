@@ -28,6 +28,13 @@ about a tenth of BERT-base's online phase went to that one lookup
 (docs/performance.md, lever 17). mpc_lm never runs CrypTen's validation mode, so
 :func:`_direct_attributes` puts back the function the wrapper wraps (unless the mode
 is on when CrypTen is imported).
+
+In the same way every secret tensor CrypTen makes without an explicit precision reads
+``cfg.encoder.precision_bits`` (``FixedPointEncoder()``: ~20 us), and every Beaver product
+``cfg.mpc.provider``: ~9 % of a GPT-2 generation step's busy time (docs/performance.md, lever 27).
+:func:`fix_party_settings` (called by a party process once its settings are in place) answers both
+from the values read at that moment while CrypTen's config object is the one it was then; a
+``temp_override`` (a new config object) goes back to the lookups.
 """
 
 from __future__ import annotations
@@ -90,6 +97,43 @@ def _direct_attributes(crypten) -> None:
     wrapped = getattr(cls.__dict__["__getattribute__"], "__wrapped__", None)
     if wrapped is not None and not crypten.cfg.debug.validation_mode:
         cls.__getattribute__ = wrapped
+
+
+_ORIGINAL: dict = {}
+_FIXED: dict = {}  # what fix_party_settings read, and the config object it read it from
+
+
+def fix_party_settings(crypten) -> None:
+    """Answer CrypTen's default precision and provider lookups, and :func:`validation_mode`, from the
+    current config (see above). For party processes, whose settings are fixed at start-up
+    (``runtime._configure_crypten``); they must not be changed in place afterwards (mpc_lm never does)."""
+    from crypten import encoder as encoder_module
+    from crypten.config import cfg
+
+    lookup = _ORIGINAL.setdefault("get_default_provider", crypten.mpc.get_default_provider)
+    _FIXED.update(cfg=cfg, config=cfg.config, bits=cfg.encoder.precision_bits, provider=lookup(),
+                  validation=cfg.debug.validation_mode)
+
+    def __init__(self, precision_bits=None):
+        if precision_bits is None:
+            precision_bits = _FIXED["bits"] if cfg.config is _FIXED["config"] else cfg.encoder.precision_bits
+        self._precision_bits = precision_bits
+        self._scale = int(2**precision_bits)
+
+    def get_default_provider():
+        return _FIXED["provider"] if cfg.config is _FIXED["config"] else lookup()
+
+    encoder_module.FixedPointEncoder.__init__ = __init__
+    crypten.mpc.get_default_provider = get_default_provider
+
+
+def validation_mode() -> bool:
+    """CrypTen's ``cfg.debug.validation_mode``, without the lookup in a party process (:func:`fix_party_settings`)."""
+    if _FIXED and _FIXED["cfg"].config is _FIXED["config"]:
+        return _FIXED["validation"]
+    from crypten.config import cfg
+
+    return cfg.debug.validation_mode
 
 
 def decode_fixed(raw, scale: int):

@@ -30,6 +30,8 @@ import types
 
 import torch
 
+from ._compat import validation_mode
+
 DIGIT_SHIFTS = (0, 22, 43)  # a = a_0 + a_1 2^22 + a_2 2^43 (mod 2^64)
 DIGIT_BITS = (22, 21, 21)
 MAX_INNER = 1 << 11  # inner dimension per block: K 2^42 <= 2^53
@@ -213,7 +215,7 @@ def truncate_(share: torch.Tensor, divisor: int, first: bool) -> torch.Tensor:
     return share.bitwise_right_shift_(divisor.bit_length() - 1)
 
 
-_CRYPTEN: dict = {}  # set by install(): CrypTen's own div_, its communicator module and config
+_CRYPTEN: dict = {}  # set by install(): CrypTen's own div_ and its communicator module
 
 
 def _div_(self, y):
@@ -224,7 +226,7 @@ def _div_(self, y):
     share, comm = self.share, _CRYPTEN["comm"].get()
     if (isinstance(y, int) and y > 0 and y & (y - 1) == 0 and type(share) is torch.Tensor
             and share.dtype == torch.long and comm.get_world_size() == 2
-            and not _CRYPTEN["cfg"].debug.validation_mode):
+            and not validation_mode()):
         truncate_(share, y, comm.get_rank() == 0)
         return self
     return _CRYPTEN["div_"](self, y)
@@ -235,7 +237,6 @@ def install() -> None:
     triples (``crypten.mpc.provider.ttp_provider``) through :func:`matmul`, and two parties' truncations
     through :func:`truncate`. Idempotent."""
     import crypten.communicator
-    from crypten.config import cfg
     from crypten.mpc.primitives import beaver
     from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
     from crypten.mpc.provider import ttp_provider
@@ -244,7 +245,7 @@ def install() -> None:
         if not isinstance(module.torch, _TorchWithRingMatmul):
             module.torch = _TorchWithRingMatmul()
     if not _CRYPTEN:
-        _CRYPTEN.update(div_=ArithmeticSharedTensor.__dict__["div_"], comm=crypten.communicator, cfg=cfg)
+        _CRYPTEN.update(div_=ArithmeticSharedTensor.__dict__["div_"], comm=crypten.communicator)
     ArithmeticSharedTensor.div_ = _div_
 
 

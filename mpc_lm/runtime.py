@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 
 from . import __version__, resources, transport
-from ._compat import import_crypten
+from ._compat import fix_party_settings, import_crypten
 from .config import ConsortiumConfig, Party, Role, check_security
 from .errors import MpcLmError, RendezvousError
 
@@ -157,6 +157,7 @@ def _configure_crypten(cfg: ConsortiumConfig) -> None:
         prg.MODE["prg"] = cfg.security.prg
         prg.install()  # the dealer streams' draws (AES-128-CTR by default; mpc_lm/prg.py)
         offline.install()
+    fix_party_settings(crypten)  # this process's precision and provider, read once (mpc_lm/_compat.py)
     if cfg.security.provider == "tfp":
         log.warning(
             "INSECURE DEVELOPMENT MODE: provider TFP lets party %r reconstruct every secret. "

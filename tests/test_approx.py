@@ -126,6 +126,35 @@ def test_secret_tensor_attributes_skip_the_validation_mode_lookup():
     assert torch.allclose((x * 2 + x).get_plain_text(), torch.tensor([4.5, -6.0]))
 
 
+_FIXED_SETTINGS_SCRIPT = """
+from mpc_lm._compat import fix_party_settings, import_crypten, validation_mode
+crypten = import_crypten()
+from crypten.config import cfg
+from crypten.encoder import FixedPointEncoder
+cfg.encoder.precision_bits = 12
+cfg.mpc.provider = "TTP"
+fix_party_settings(crypten)
+out = [FixedPointEncoder().scale, type(crypten.mpc.get_default_provider()).__name__, validation_mode()]
+with cfg.temp_override({"encoder.precision_bits": 20, "mpc.provider": "TFP", "debug.validation_mode": True}):
+    out += [FixedPointEncoder().scale, type(crypten.mpc.get_default_provider()).__name__, validation_mode()]
+out += [FixedPointEncoder().scale, FixedPointEncoder(8).scale, validation_mode()]
+print(out)
+"""
+
+
+def test_party_settings_read_once_and_overrides_still_seen():
+    """A party process reads CrypTen's precision, provider and validation mode once
+    (``_compat.fix_party_settings``: each OmegaConf read is ~20 us and a generation step makes thousands);
+    a ``temp_override`` (a new config object) is still seen, and explicit precisions are kept."""
+    import subprocess
+    import sys
+
+    got = subprocess.run([sys.executable, "-c", _FIXED_SETTINGS_SCRIPT], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip().splitlines()[-1]
+    assert got == str([2**12, "TrustedThirdParty", False,
+                       2**20, "TrustedFirstParty", True, 2**12, 2**8, False])
+
+
 def test_row_max_groups_of_four_lengths_and_ties():
     torch.manual_seed(3)
     for n in (1, 2, 3, 4, 5, 8, 13, 16, 33, 128):
