@@ -31,8 +31,9 @@ is on when CrypTen is imported).
 
 In the same way every secret tensor CrypTen makes without an explicit precision reads
 ``cfg.encoder.precision_bits`` (``FixedPointEncoder()``: ~20 us), and every Beaver product
-``cfg.mpc.provider``: ~9 % of a GPT-2 generation step's busy time (docs/performance.md, lever 27).
-:func:`fix_party_settings` (called by a party process once its settings are in place) answers both
+``cfg.mpc.provider``, and the truncation ``cfg.debug.validation_mode``: together ~13 % of the samples of a
+GPT-2 generation step's forward pass (docs/performance.md, lever 27).
+:func:`fix_party_settings` (called by a party process once its settings are in place) answers them
 from the values read at that moment while CrypTen's config object is the one it was then; a
 ``temp_override`` (a new config object) goes back to the lookups.
 """

@@ -1,8 +1,8 @@
 """One TCP connection between the two computing parties, for their openings (gloo backend).
 
 gloo hands every message to its own worker thread, which writes the socket and wakes the caller
-when the peer's message has arrived: on a 2-core machine a small pairwise exchange waits ~200 us in
-those hand-offs, against ~30 us when the party's own thread writes and reads a socket
+when the peer's message has arrived: on a 2-core machine a small pairwise exchange takes ~220 us that
+way, against 25-70 us when the party's own thread writes and reads a socket
 (docs/performance.md, lever 25). :class:`PairSocket` is that socket: the first computing party
 listens on the rendezvous host (where it already hosts torch.distributed's store), the second
 connects and proves with a one-time token read from the store that it is the party the store
