@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -26,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from transport_bench import two_processes  # noqa: E402
 MODES = ("allreduce", "gloo-exchange", "socket-exchange")
 
 
@@ -62,15 +63,7 @@ def _party(mode: str, rank: int, port: int, sizes, rounds: int, reps: int, out) 
 
 
 def run(mode: str, port: int, sizes, rounds: int, reps: int) -> dict:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_party, args=(mode, r, port, sizes, rounds, reps, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    res = out.get(timeout=600)
-    for p in procs:
-        p.join(60)
-    return res
+    return two_processes(_party, lambda r: (mode, r, port, sizes, rounds, reps))
 
 
 def main() -> None:

@@ -112,17 +112,21 @@ def _party(backend, rank, port, certs, sizes, reps, rounds, out):
         out.put(res)
 
 
-def run(backend: str, port: int, certs: str, sizes, reps, rounds) -> dict:
+def two_processes(target, args_of) -> dict:
+    """Run ``target(*args_of(rank), queue)`` for ranks 0 and 1 in spawned processes; what rank 0 puts."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_party, args=(backend, r, port, certs, sizes, reps, rounds, out))
-             for r in range(2)]
+    procs = [ctx.Process(target=target, args=(*args_of(r), out)) for r in range(2)]
     for p in procs:
         p.start()
     res = out.get(timeout=600)
     for p in procs:
         p.join(60)
     return res
+
+
+def run(backend: str, port: int, certs: str, sizes, reps, rounds) -> dict:
+    return two_processes(_party, lambda r: (backend, r, port, certs, sizes, reps, rounds))
 
 
 def main() -> None:
