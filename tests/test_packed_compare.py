@@ -617,3 +617,18 @@ def test_select4_stacked_recombination_is_the_element_by_element_one():
             finally:
                 approx.SELECT4_STACKED_MAX = old
             assert torch.equal(stacked, loop)
+
+
+def test_bit_packing_layout():
+    """Element j is bit j % 64 of word j // 64 (the layout the AND rounds and the tables assume), on the CPU's
+    numpy path; unpacking inverts it."""
+    from mpc_lm import tables
+
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 63, 64, 65, 1000):
+        bits = torch.randint(0, 2, (n,), generator=gen)
+        words = tables.pack_bits(bits)
+        padded = torch.cat([bits, bits.new_zeros((-n) % 64)]).view(-1, 64)
+        assert torch.equal(words, (padded << torch.arange(64)).sum(1)), n
+        assert torch.equal(tables.unpack_bits(words, n), bits), n
+        assert words.dtype == torch.long and tables.unpack_bits(words, n).dtype == torch.long
