@@ -25,7 +25,7 @@ from .errors import ModelError
 log = logging.getLogger(__name__)
 
 DEMO = "demo-minilm-sentiment"
-_VERSION = "v1"
+_VERSION = "v2"  # v2: the checkpoint's files copied (v1 linked them into the venv that built it)
 _TRAIN_TASK, _TRAIN_LIMIT = "rotten-tomatoes", 2000
 _LABELS = ["negative", "positive"]
 
@@ -60,10 +60,20 @@ def build_once(target: Path, build, ready: str) -> Path:
     """``target``, built by ``build(tmp_dir)`` and renamed into place unless ``target/ready`` exists.
 
     The rename is atomic, so parties building the same directory at once never see a
-    half-written one: the first rename wins and the others discard their copy.
+    half-written one: the first rename wins and the others discard their copy. A directory
+    with an entry that no longer resolves (a link into a deleted environment) is moved aside
+    and built again.
     """
     if (target / ready).is_file():
-        return target
+        if all(entry.exists() for entry in target.iterdir()):
+            return target
+        log.warning("%s has entries that no longer resolve (a deleted environment?); building it again", target)
+        try:
+            target.rename(target.parent / f".stale-{target.name}-{os.getpid()}")
+        except OSError:  # another process moved it first
+            pass
+        for stale in target.parent.glob(f".stale-{target.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     log.info("building %s (once)", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
@@ -121,7 +131,7 @@ def _build(out: Path) -> None:
     src = minilm_path()
     for item in src.iterdir():
         if item.is_file() and item.name not in ("README.md", ".gitattributes"):
-            (out / item.name).symlink_to(item)
+            shutil.copy2(item, out / item.name)  # a copy: the cache outlives the environment it was built from
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     model = AutoModel.from_pretrained(str(src)).eval()
     train = load_task(_TRAIN_TASK, "train", limit=_TRAIN_LIMIT)

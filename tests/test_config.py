@@ -100,3 +100,25 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_digest_changes_with_content():
     a, b = parse_config(base()), parse_config(base(name="other"))
     assert a.digest() != b.digest() and a.digest() == parse_config(base()).digest()
+
+
+def test_cached_builds_are_self_contained_and_a_broken_one_is_rebuilt(tmp_path):
+    """``demo.build_once`` (the demo checkpoint, the causal-LM examples under $MPC_LM_CACHE): a directory
+    with an entry that no longer resolves (a link into a deleted environment) is built again."""
+    from mpc_lm.demo import build_once
+
+    builds = []
+
+    def build(out):
+        builds.append(out)
+        (out / "config.json").write_text("{}")
+        (out / "weights.bin").write_bytes(b"w")
+
+    target = tmp_path / "model-v1"
+    assert build_once(target, build, ready="config.json") == target and len(builds) == 1
+    assert build_once(target, build, ready="config.json") == target and len(builds) == 1  # cached
+    (target / "weights.bin").unlink()
+    (target / "weights.bin").symlink_to(tmp_path / "deleted-venv" / "weights.bin")  # dangling
+    assert build_once(target, build, ready="config.json") == target and len(builds) == 2
+    assert (target / "weights.bin").read_bytes() == b"w"
+    assert not list(tmp_path.glob(".stale-*")) and not list(tmp_path.glob(".building-*"))
