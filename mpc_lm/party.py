@@ -55,9 +55,9 @@ def run_party(config_path: str, name: str, result_path: str | None = None, log_l
         log.error("%s", err)
         print(f"mpc-lm party {name}: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
+    except (RuntimeError, ConnectionError, TimeoutError) as err:  # the last two: the openings' socket (pair_socket)
         first = (str(err).splitlines() or [type(err).__name__])[0][:300]
-        if _is_transport_error(err):  # gloo / TLS: a peer vanished or stopped answering
+        if _is_transport_error(err):  # gloo / TLS / the openings' socket: a peer vanished or stopped answering
             failure = PartyFailure(
                 f"party {name!r} lost contact with another party (it crashed, was killed, or did not "
                 f"answer within timeouts.op_s): {first}"
