@@ -44,6 +44,9 @@ ONLINE, DEALER = "online", "dealer"
 #: 0.4 ms for small tensors on loopback (2-core machine B); from about 1 MiB gloo's reduce-scatter and
 #: all-gather are as fast or faster (docs/performance.md, lever 21).
 EXCHANGE_MAX_BYTES = 1 << 20
+#: Over the parties' own socket (:mod:`mpc_lm.pair_socket`) every opening is an exchange: with the sum made
+#: in the receive buffer it is 2-2.5x faster than gloo's all-reduce at 1-16 MiB too (lever 29).
+SOCKET_EXCHANGE_MAX_BYTES = 1 << 62
 
 
 @dataclass
@@ -138,11 +141,12 @@ class PartyCommunicator(DistributedCommunicator):
         self.main_group = dist.new_group(list(range(world_size)), timeout=timeout)
         self.ttp_initialized = init_ttp
         self._pair = None  # the exchange's own socket (mpc_lm/pair_socket.py), when asked for
-        self._exchange_max = EXCHANGE_MAX_BYTES  # benchmarks/openings_bench.py lifts it
+        self._exchange_max = EXCHANGE_MAX_BYTES  # lifted with the own socket; benchmarks/openings_bench.py too
         if exchange and pair_host is not None and world_size == 2 and rank in (0, 1):
             from .pair_socket import PairSocket
 
             self._pair = PairSocket.connect(store, rank, pair_host, timeout_s)
+            self._exchange_max = SOCKET_EXCHANGE_MAX_BYTES
 
     def _init_state(self, *, rank: int, world_size: int, name: str, audit, backend: str) -> None:
         """Identity, counters and audit: what every transport's communicator holds."""
@@ -223,7 +227,8 @@ class PartyCommunicator(DistributedCommunicator):
         return result
 
     def _exchanges(self, items, op) -> bool:
-        """Whether an ``all_reduce`` of ``items`` is made as a pairwise exchange (:data:`EXCHANGE_MAX_BYTES`)."""
+        """Whether an ``all_reduce`` of ``items`` is made as a pairwise exchange (:data:`EXCHANGE_MAX_BYTES`
+        over gloo, any size over the parties' own socket)."""
         return (self.distributed_backend == "gloo" and self._exchange
                 and self.world_size == 2 and self.rank in (0, 1)
                 and op in (dist.ReduceOp.SUM, dist.ReduceOp.BXOR)
@@ -239,9 +244,10 @@ class PartyCommunicator(DistributedCommunicator):
             self._pair.exchange(mine, theirs)
         else:
             self._gloo_exchange(mine, theirs)
+        # in place: ``theirs`` is this call's own fresh buffer (no second allocation of the result)
         if op == dist.ReduceOp.SUM:
-            return [a + b for a, b in zip(mine, theirs)]
-        return [a ^ b for a, b in zip(mine, theirs)]
+            return [b.add_(a) for a, b in zip(mine, theirs)]
+        return [b.bitwise_xor_(a) for a, b in zip(mine, theirs)]
 
     def _gloo_exchange(self, mine, theirs) -> None:
         other = 1 - self.rank
