@@ -227,23 +227,27 @@ class PartyCommunicator(DistributedCommunicator):
         return result
 
     def _exchanges(self, items, op) -> bool:
-        """Whether an ``all_reduce`` of ``items`` is made as a pairwise exchange (:data:`EXCHANGE_MAX_BYTES`
-        over gloo, any size over the parties' own socket)."""
+        """Whether an ``all_reduce`` of ``items`` is made as a pairwise exchange: CPU tensors of at most
+        :data:`EXCHANGE_MAX_BYTES` over gloo; tensors of any size, on any device, over the parties' own socket."""
         return (self.distributed_backend == "gloo" and self._exchange
                 and self.world_size == 2 and self.rank in (0, 1)
                 and op in (dist.ReduceOp.SUM, dist.ReduceOp.BXOR)
-                and all(torch.is_tensor(t) and t.device.type == "cpu" for t in items)
+                and all(torch.is_tensor(t) and (t.device.type == "cpu" or self._pair is not None) for t in items)
                 and sum(_nbytes(t) for t in items) <= self._exchange_max)
 
     def _exchange_reduce(self, items, op) -> list:
         """Two parties: each sends its tensors to the other and adds (or XORs) what it receives. One
         message each way, both in flight at once: half of gloo's all-reduce latency for small tensors."""
         mine = [t.contiguous() for t in items]
-        theirs = [torch.empty_like(t) for t in mine]
+        # The socket reads and writes host memory: a GPU tensor is copied out and the other party's back in
+        # (gloo's all-reduce of a CUDA tensor stages it through the host too). On the CPU these are no-ops.
+        host = [t.cpu() for t in mine]
+        theirs = [torch.empty_like(t) for t in host]
         if self._pair is not None:
-            self._pair.exchange(mine, theirs)
+            self._pair.exchange(host, theirs)
         else:
-            self._gloo_exchange(mine, theirs)
+            self._gloo_exchange(host, theirs)
+        theirs = [b.to(a.device) for a, b in zip(mine, theirs)]
         # in place: ``theirs`` is this call's own fresh buffer (no second allocation of the result)
         if op == dist.ReduceOp.SUM:
             return [b.add_(a) for a, b in zip(mine, theirs)]

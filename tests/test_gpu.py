@@ -87,3 +87,13 @@ def test_training_step_on_one_gpu_matches_autograd(tmp_path):
                              "--json", str(out)]) == 0
     fid = json.loads(out.read_text())["fidelity"]
     assert fid["worst_max_rel_error"] < 0.01 and fid["worst_cosine"] > 0.9999, fid
+
+
+def test_gpu_openings_travel_over_the_exchange_socket():
+    """Openings of CUDA tensors over the parties' own socket (through host memory, any size) and over gloo's
+    all-reduce: the same sums and XORs, the results on the GPU, the same counted traffic."""
+    from test_transport import _run, check_openings
+
+    results = {mode: _run(mode, device="cuda:0") for mode in ("socket", "allreduce")}
+    check_openings(results, device="cuda:0")
+    assert results["socket"][0]["traffic"] == results["allreduce"][0]["traffic"]

@@ -17,7 +17,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _party(rank: int, port: int, mode: str, out) -> None:
+def _party(rank: int, port: int, mode: str, out, device: str = "cpu") -> None:
     import torch
     import torch.distributed as dist
 
@@ -34,22 +34,23 @@ def _party(rank: int, port: int, mode: str, out) -> None:
     gen = torch.Generator().manual_seed(11 + rank)
     results = {}
     for name, size in (("small", 1000), ("large", (1 << 17) + 1)):
-        x = torch.randint(-(2**63), 2**63 - 1, (size,), dtype=torch.long, generator=gen)
+        x = torch.randint(-(2**63), 2**63 - 1, (size,), dtype=torch.long, generator=gen).to(device)
         before = len(used)
         total = comm.all_reduce(x)
         xor = comm.all_reduce(x, op=dist.ReduceOp.BXOR)
         pair = comm.all_reduce([x, x[:7]], batched=True)
         results[name] = {"sum": total.tolist()[:50], "xor": xor.tolist()[:50], "pair": pair[1].tolist(),
-                         "exchanged": len(used) - before, "mine": x.tolist()[:50]}
+                         "exchanged": len(used) - before, "mine": x.tolist()[:50],
+                         "devices": sorted({str(t.device) for t in (total, xor, *pair)})}
     results["traffic"] = comm.traffic.snapshot()
     dist.destroy_process_group()
     out.put((rank, results))
 
 
-def _run(mode: str) -> dict:
+def _run(mode: str, device: str = "cpu") -> dict:
     ctx = mp.get_context("spawn")
     out, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_party, args=(r, port, mode, out)) for r in range(2)]
+    procs = [ctx.Process(target=_party, args=(r, port, mode, out, device)) for r in range(2)]
     for p in procs:
         p.start()
     got = dict(out.get(timeout=120) for _ in procs)
@@ -62,8 +63,8 @@ def _wrap(v: int) -> int:
     return (v + 2**63) % 2**64 - 2**63
 
 
-def test_openings_exchange_and_sum_as_gloo_does():
-    results = {mode: _run(mode) for mode in ("socket", "gloo", "allreduce")}
+def check_openings(results: dict, device: str = "cpu") -> None:
+    """The sums and XORs of both parties' tensors at both parties, exchanged as each mode promises."""
     for mode, got in results.items():
         exchange = mode != "allreduce"
         for name in ("small", "large"):
@@ -76,6 +77,12 @@ def test_openings_exchange_and_sum_as_gloo_does():
             # exchanged when asked (three calls): over gloo's isend/irecv only up to 1 MiB
             want = 3 if mode == "socket" or (exchange and name == "small") else 0
             assert a["exchanged"] == want, (mode, name, a["exchanged"])
+            assert a["devices"] == [device], a["devices"]
+
+
+def test_openings_exchange_and_sum_as_gloo_does():
+    results = {mode: _run(mode) for mode in ("socket", "gloo", "allreduce")}
+    check_openings(results)
     # the same bytes and rounds counted every way
     assert results["socket"][0]["traffic"] == results["gloo"][0]["traffic"] == results["allreduce"][0]["traffic"]
 
