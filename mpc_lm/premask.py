@@ -83,16 +83,19 @@ def enabled(cfg) -> bool:
     return cfg.security.provider == "ttp" and cfg.preprocessing.weight_masks
 
 
-def prepare(cfg, params: dict, names: list[str]) -> tuple[dict, dict | None]:
+def prepare(cfg, params: dict, names: list[str], by_rows=()) -> tuple[dict, dict | None]:
     """:func:`mask_weights` when :func:`enabled`, else ``(params, None)``."""
     if not enabled(cfg):
         return params, None
-    return mask_weights(params, names)
+    return mask_weights(params, names, by_rows)
 
 
-def mask_weights(params: dict, names: list[str]) -> tuple[dict, dict]:
+def mask_weights(params: dict, names: list[str], by_rows=()) -> tuple[dict, dict]:
     """Replace ``params[n]`` for ``n`` in ``names`` by :class:`MaskedWeight`; returns (params, stats).
 
+    ``by_rows``: names whose ``d_factor`` is kept with each output column contiguous (an (out, in) tensor
+    seen through its transpose; the same values): products of ONE row with such a weight read it in
+    that order, twice as fast with torch's int64 kernel on the CPU (:func:`row_layout_pays`).
     Collective: every computing party calls it with the same names, in the same order.
     """
     provider = offline.install()
@@ -107,9 +110,26 @@ def mask_weights(params: dict, names: list[str]) -> tuple[dict, dict]:
     first = provider.next_weight_id - len(names)
     party0 = comm.get().get_rank() == 0
     for i, (n, b, e) in enumerate(zip(names, shares, opened)):
-        out[n] = MaskedWeight(first + i, params[n], b + e if party0 else b, e)
+        d_factor = b + e if party0 else b
+        if n in by_rows:
+            d_factor = d_factor.t().contiguous().t()
+        out[n] = MaskedWeight(first + i, params[n], d_factor, e)
         provider.opened[first + i] = e  # for the products' a @ E made in the offline phase
     return out, {"weights": len(names), "elements": int(sum(params[n].numel() for n in names))}
+
+
+def row_layout_pays(device, rows_per_product: int, prompt_rows: int) -> bool:
+    """Whether a job whose weight products are mostly of ``rows_per_product`` rows (a generation step with
+    a KV cache: the batch) after one of ``prompt_rows`` rows (the prefill) gains by :func:`mask_weights`'s
+    ``by_rows`` layout: one row, on a CPU whose ring products are torch's int64 kernel (``ring.choose``).
+
+    One core of machine B (docs/performance.md, lever 31): 1 x 768 @ 768 x 3,072 1.4 ms by ``mv`` in that
+    layout against 3.0 ms; at 64 and 128 rows ``(W @ x^T)^T`` is as fast as ``x @ W`` (7.1 against 7.8 ms);
+    from 2 to 32 rows it is 1-3.5x slower, so a short prompt (under 64 rows) keeps the usual layout."""
+    from . import ring
+
+    return (torch.device(device).type == "cpu" and ring.PRODUCTS["method"] == "int64"
+            and rows_per_product == 1 and prompt_rows >= 64)
 
 
 def matmul(x, w: MaskedWeight):
@@ -123,4 +143,4 @@ def mm(x, w):
     return matmul(x, w) if isinstance(w, MaskedWeight) else beaver_matmul(x, w)
 
 
-__all__ = ["MaskedWeight", "enabled", "mask_weights", "prepare", "matmul", "matmul_names", "mm"]
+__all__ = ["MaskedWeight", "enabled", "mask_weights", "prepare", "matmul", "matmul_names", "mm", "row_layout_pays"]

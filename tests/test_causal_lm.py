@@ -90,6 +90,23 @@ def test_gpt2_greedy_generation_equals_plaintext(models, tmp_path):
     assert [r["generated_ids"] for r in _outputs(tmp_path)] == want
 
 
+def test_generation_with_weights_kept_by_output_column_equals_plaintext(tmp_path):
+    """One text at a time with a prompt of 64 tokens on torch's int64 products: the layers' weights are kept
+    by output column (premask.row_layout_pays) and the greedy tokens are still the plaintext model's."""
+    model = lm_examples.random_causal_model(tmp_path / "gpt2", "gpt2", vocab=120, hidden=32, layers=2, heads=4,
+                                            positions=80, seed=3)
+    job = {"kind": "generate", "seq_len": 64, "batch_size": 1, "generate": {"max_new_tokens": 3}}
+    path = _config(tmp_path, model, PROMPTS[:1], job)
+    data = yaml.safe_load(path.read_text())
+    data["approx"] = {"ring_products": "int64"}
+    path.write_text(yaml.safe_dump(data))
+    run = launch(path)
+    assert [run.results[p]["weight_masks"]["by_rows"] for p in ("vendor", "alice")] == [8, 8]  # 4 per layer
+    cfg = load_config(path)
+    want = causal_reference.generate(cfg.model, PROMPTS[:1], 64, cfg.job.generate, cfg.world_size)
+    assert [r["generated_ids"] for r in _outputs(tmp_path)] == want
+
+
 @pytest.mark.slow  # two launches (~2 min on a loaded 2-core machine)
 def test_llama_kv_cache_equals_no_cache_and_plaintext(models, tmp_path):
     got = {}
