@@ -574,8 +574,10 @@ class _TlsOps(DistributedCommunicator):
         return input
 
     @staticmethod
-    def _combine(parts: list[torch.Tensor], op) -> torch.Tensor:
-        result = parts[0].clone()
+    def _combine(parts: list[torch.Tensor], op, own: int) -> torch.Tensor:
+        """Party r's tensors ``parts[r]`` summed (or XORed) in rank order. All but ``parts[own]`` (this party's)
+        are fresh receive buffers, so the result is made in the first of them unless it is this party's."""
+        result = parts[0].clone() if own == 0 else parts[0]
         for p in parts[1:]:
             if op == torch.distributed.ReduceOp.SUM:
                 result += p
@@ -595,7 +597,8 @@ class _TlsOps(DistributedCommunicator):
         items = list(input) if batched else [input]
         got = self._exchange(items, self._others(), self._others())
         got[self.rank] = items
-        result = [self._combine([got[r][i] for r in range(self.world_size)], op) for i in range(len(items))]
+        result = [self._combine([got[r][i] for r in range(self.world_size)], op, self.rank)
+                  for i in range(len(items))]
         return result if batched else result[0]
 
     def reduce(self, input, dst, op=torch.distributed.ReduceOp.SUM, batched=False):
@@ -605,7 +608,8 @@ class _TlsOps(DistributedCommunicator):
             return None
         got = self._exchange(items, [], self._others())
         got[self.rank] = items
-        result = [self._combine([got[r][i] for r in range(self.world_size)], op) for i in range(len(items))]
+        result = [self._combine([got[r][i] for r in range(self.world_size)], op, self.rank)
+                  for i in range(len(items))]
         return result if batched else result[0]
 
     def gather(self, tensor, dst):
