@@ -52,7 +52,7 @@ class Rendezvous(_Strict):
     exchange_socket: bool = Field(
         True, description="gloo with exchange_openings: the exchange runs over one TCP connection between the "
         "two computing parties, written and read by each party's own thread (25-70 us per opening up to 48 KiB "
-        "against 220-330 us through gloo's worker thread on loopback), and every larger opening too (2-3x faster "
+        "against 220-330 us through gloo's worker thread on loopback), and every larger opening too (about 2x faster "
         "than gloo's all-reduce at 1-16 MiB), GPU tensors through host memory; false: gloo's isend/irecv up to "
         "1 MiB (CPU tensors), its all-reduce otherwise "
         "(docs/transport.md).")

@@ -45,7 +45,7 @@ ONLINE, DEALER = "online", "dealer"
 #: all-gather are as fast or faster (docs/performance.md, lever 21).
 EXCHANGE_MAX_BYTES = 1 << 20
 #: Over the parties' own socket (:mod:`mpc_lm.pair_socket`) every opening is an exchange: with the sum made
-#: in the receive buffer it is 2-2.5x faster than gloo's all-reduce at 1-16 MiB too (lever 29).
+#: in the receive buffer it is about 2x faster than gloo's all-reduce at 1-16 MiB too (lever 29).
 SOCKET_EXCHANGE_MAX_BYTES = 1 << 62
 
 
