@@ -120,11 +120,22 @@ def choose(method: str = "auto") -> str:
     return method
 
 
+def _plain_cuda(a, b) -> bool:
+    """Both plain int64 tensors on a GPU, where torch has no integer matrix product."""
+    return (type(a) is torch.Tensor and type(b) is torch.Tensor
+            and a.dtype == torch.int64 and b.dtype == torch.int64 and a.is_cuda and b.is_cuda)
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.matmul(a, b)`` of int64 ring tensors modulo 2^64, on float64 BLAS digits for CPU tensors
-    where that is faster on this machine (:func:`choose`; bit-identical); anything else goes to
-    ``torch.matmul``."""
+    where that is faster on this machine (:func:`choose`; bit-identical); plain GPU tensors through
+    CrypTen's ``CUDALongTensor`` (exact float64 blocks; torch has no int64 product on CUDA), returned
+    plain; anything else (CrypTen's own ``CUDALongTensor``) goes to ``torch.matmul``."""
     if not _fast(a, b):
+        if _plain_cuda(a, b):
+            from crypten.cuda import CUDALongTensor
+
+            return torch.matmul(CUDALongTensor(a), CUDALongTensor(b)).tensor()
         return torch.matmul(a, b)
     if PRODUCTS["method"] is None:
         choose("auto")

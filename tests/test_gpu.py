@@ -97,3 +97,19 @@ def test_gpu_openings_travel_over_the_exchange_socket():
     results = {mode: _run(mode, device="cuda:0") for mode in ("socket", "allreduce")}
     check_openings(results, device="cuda:0")
     assert results["socket"][0]["traffic"] == results["allreduce"][0]["traffic"]
+
+
+def test_ring_products_of_plain_gpu_tensors_equal_the_cpu_ring():
+    """ring.matmul on plain int64 CUDA tensors (the offline phase's products with the weights, the dealer's
+    masked products): torch has no int64 product on CUDA; the result equals the CPU's modulo 2^64."""
+    from mpc_lm import ring
+
+    g = torch.Generator().manual_seed(5)
+    for sa, sb in (((7, 300), (300, 9)), ((2, 5, 64), (64, 33)), ((1, 768), (768, 40))):
+        a = torch.randint(-(2**62), 2**62, sa, generator=g)
+        b = torch.randint(-(2**62), 2**62, sb, generator=g)
+        want = torch.matmul(a, b)
+        got = ring.matmul(a.cuda(), b.cuda())
+        assert type(got) is torch.Tensor and got.is_cuda
+        assert torch.equal(got.cpu(), want)
+        assert torch.equal(ring.matmul(a.cuda(), b.t().contiguous().t().cuda()).cpu(), want)  # by-column layout
