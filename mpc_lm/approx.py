@@ -37,7 +37,10 @@ def mul_public_int(x, t):
     """
     out = x.clone()
     share = out._tensor.share
-    out._tensor.share = share * (torch.as_tensor(t).to(device=share.device, dtype=torch.long))
+    # on the plain ring tensor: CrypTen's CUDALongTensor multiplies in place, so it cannot broadcast to a
+    # larger shape (a causal mask (B, 1, 1, T) times (t, T))
+    factor = torch.as_tensor(t).to(device=share.device, dtype=torch.long)
+    out._tensor.share = _like(share, plain_ring(share) * factor)
     return out
 
 

@@ -134,12 +134,31 @@ def kbit(size, bitlength=None, generator=None, device=None) -> torch.Tensor:
     return _crypten_kbit(size, bitlength=bitlength, generator=generator, device=device)
 
 
+def _as_crypten(t: torch.Tensor):
+    """A draw as CrypTen's own generators return it: GPU values wrapped in ``CUDALongTensor``, which CrypTen's
+    TTP code multiplies (torch has no int64 matrix product on CUDA)."""
+    if not t.is_cuda:
+        return t
+    from crypten.cuda import CUDALongTensor
+
+    return CUDALongTensor(t)
+
+
+def _ttp_ring(size, generator=None, device=None, **kwargs):
+    return _as_crypten(ring(size, generator=generator, device=device))
+
+
+def _ttp_kbit(size, bitlength=None, generator=None, device=None, **kwargs):
+    return _as_crypten(kbit(size, bitlength=bitlength, generator=generator, device=device))
+
+
 def install() -> None:
-    """Make CrypTen's TTP provider and server draw through :func:`ring` / :func:`kbit` (idempotent)."""
+    """Make CrypTen's TTP provider and server draw through :func:`ring` / :func:`kbit` (idempotent), with
+    CrypTen's types on the GPU (:func:`_as_crypten`)."""
     from crypten.mpc.provider import ttp_provider
 
-    ttp_provider.generate_random_ring_element = ring
-    ttp_provider.generate_kbit_random_tensor = kbit
+    ttp_provider.generate_random_ring_element = _ttp_ring
+    ttp_provider.generate_kbit_random_tensor = _ttp_kbit
 
 
 def describe(generator) -> str:

@@ -113,3 +113,36 @@ def test_ring_products_of_plain_gpu_tensors_equal_the_cpu_ring():
         assert type(got) is torch.Tensor and got.is_cuda
         assert torch.equal(got.cpu(), want)
         assert torch.equal(ring.matmul(a.cuda(), b.t().contiguous().t().cuda()).cpu(), want)  # by-column layout
+
+
+def test_public_integer_factor_broadcasts_on_gpu_shares():
+    """approx.mul_public_int growing the shape (a causal mask (B, 1, 1, T) times (t, T)): CrypTen's
+    CUDALongTensor multiplies in place, so the product is made on the plain ring tensor."""
+    from mpc_lm import approx
+    from mpc_lm.reveal import open_to
+
+    crypten = _one_process_world()
+    x = torch.randn(2, 1, 1, 5)
+    causal = (torch.arange(5)[None, :] <= torch.arange(2, 5)[:, None]).long()
+    enc = crypten.cryptensor(x.cuda())
+    got = open_to(approx.mul_public_int(enc, causal), dst=0)
+    assert got.shape == (2, 1, 3, 5)
+    assert torch.allclose(got.cpu(), x * causal, atol=1e-4)
+
+
+def test_dealer_stream_draws_come_as_crypten_types_on_gpu():
+    """prg.install: CrypTen's TTP code gets CUDALongTensor draws on the GPU (it multiplies them with torch's
+    functions, which have no int64 product on CUDA), the same values as on the CPU."""
+    from crypten.cuda import CUDALongTensor
+    from crypten.mpc.provider import ttp_provider
+
+    from mpc_lm import prg
+
+    prg.install()
+    key = bytes(range(16))
+    got = ttp_provider.generate_random_ring_element((3, 4), generator=prg.AesStream(key, "cuda"), device="cuda")
+    assert isinstance(got, CUDALongTensor)
+    assert torch.equal(got.tensor().cpu(), prg.AesStream(key, "cpu").ring((3, 4)))
+    bits = ttp_provider.generate_kbit_random_tensor((5,), bitlength=1, generator=prg.AesStream(key, "cuda"),
+                                                    device="cuda")
+    assert isinstance(bits, CUDALongTensor)
