@@ -416,10 +416,9 @@ def merged_round(requests):
         elif kind == "wmatmul":  # x W = c + d B + a E (+ d E at party 0: its d_factor is its share of B plus E)
             (a, cc, a_e), d = rnd, opened[k]  # a_e: this party's a E, made in the offline phase (or None)
             k += 1
-            share = x._tensor.share
             if a_e is None:
-                a_e = _ring_matmul(share, plain_ring(a.share), plain_ring(y.opened))
-            z = plain_ring(cc.share) + _ring_matmul(share, d, plain_ring(y.d_factor)) + plain_ring(a_e)
+                a_e = ring.matmul(plain_ring(a.share), plain_ring(y.opened))
+            z = plain_ring(cc.share) + ring.matmul(d, plain_ring(y.d_factor)) + plain_ring(a_e)
             out.append(finish_product(x, y.encoder, z))
         elif kind == "products":  # v_i v_j = c + e_i a_j + a_i e_j + e_i e_j
             (a, cc), e = rnd, opened[k]
@@ -475,11 +474,9 @@ def merged_round(requests):
         elif kind == "matmul":  # x y = c + eps b + a dlt + eps dlt, as matrix products
             (a, b, cc), eps, dlt = rnd, opened[k], opened[k + 1]
             k += 2
-            share = x._tensor.share
             # party 0 folds the public eps dlt into eps (b + dlt): two ring products per party, not three
             right = plain_ring(b.share) + dlt if first else plain_ring(b.share)
-            z = (plain_ring(cc.share) + _ring_matmul(share, eps, right)
-                 + _ring_matmul(share, plain_ring(a.share), dlt))
+            z = plain_ring(cc.share) + ring.matmul(eps, right) + ring.matmul(plain_ring(a.share), dlt)
             out.append(finish_product(x, y._tensor.encoder, z))
         elif kind in _SELECTIONS:  # bits and values from one opening, combined with the dealt tail
             zbits, d = _opened_bits(masked[k], opened[k], x), opened[k + 1]
@@ -525,14 +522,6 @@ def _masked_bits(bits, r_bin) -> torch.Tensor:
 def _opened_bits(mine: torch.Tensor, total: torch.Tensor, bits) -> torch.Tensor:
     """The opened b xor r of :func:`_masked_bits`, shaped like ``bits``: my words XOR the other's."""
     return tables.unpack_bits(mine ^ (total - mine), bits.numel()).view(bits.size())
-
-
-def _ring_matmul(template, a, b):
-    """a @ b of plain ring tensors, multiplied as CrypTen multiplies shares like ``template`` (on the GPU as
-    CUDALongTensor, whose products split the 64-bit entries into exact floating-point blocks)."""
-    if torch.is_tensor(template):
-        return ring.matmul(a, b)
-    return plain_ring(torch.matmul(_like(template, a), _like(template, b)))
 
 
 def _dealt(provider, name: str, tfp_draw, *args, device=None):

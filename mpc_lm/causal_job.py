@@ -112,8 +112,6 @@ def load_model(ctx: PartyContext):
             and premask.row_layout_pays(ctx.device, job.batch_size, job.batch_size * job.seq_len)):
         by_rows = tuple(n for n in names if not n.startswith("emb."))
     params, masks = premask.prepare(ctx.config, params, names, by_rows)
-    if masks is not None:
-        masks["by_rows"] = len(by_rows)
     return arch, params, masks
 
 

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 from pydantic import BaseModel
 
-from . import prg
+from . import prg, ring
 from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
@@ -313,8 +313,6 @@ def products_ahead(provider: "PlannedDealer", requests: list) -> deque:
     """This party's mask share a of each premasked product of a plan, drawn in order from its mask stream,
     and its a @ E (E = W - B, public to the computing parties): the half of the product's local work that
     does not depend on the input, made in the offline phase."""
-    from .approx import _ring_matmul
-
     out: deque = deque()
     for function, device, args, _ in requests:
         if function != "masked":
@@ -322,7 +320,7 @@ def products_ahead(provider: "PlannedDealer", requests: list) -> deque:
         size_x, wid, transposed = args
         a = _ring(torch.Size(size_x), provider._mask_stream(device), device)
         e = provider.opened[wid]
-        out.append((a, _ring_matmul(a, plain_ring(a), plain_ring(e.t() if transposed else e))))
+        out.append((a, ring.matmul(plain_ring(a), plain_ring(e.t() if transposed else e))))
     return out
 
 

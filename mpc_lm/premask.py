@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from . import offline
+from . import offline, ring
 from ._compat import import_crypten
 from .approx import matmul as beaver_matmul, merged_round
 
@@ -115,7 +115,8 @@ def mask_weights(params: dict, names: list[str], by_rows=()) -> tuple[dict, dict
             d_factor = d_factor.t().contiguous().t()
         out[n] = MaskedWeight(first + i, params[n], d_factor, e)
         provider.opened[first + i] = e  # for the products' a @ E made in the offline phase
-    return out, {"weights": len(names), "elements": int(sum(params[n].numel() for n in names))}
+    return out, {"weights": len(names), "elements": int(sum(params[n].numel() for n in names)),
+                 "by_rows": sum(n in by_rows for n in names)}
 
 
 def row_layout_pays(device, rows_per_product: int, prompt_rows: int) -> bool:
@@ -126,8 +127,6 @@ def row_layout_pays(device, rows_per_product: int, prompt_rows: int) -> bool:
     One core of machine B (docs/performance.md, lever 31): 1 x 768 @ 768 x 3,072 1.4 ms by ``mv`` in that
     layout against 3.0 ms; at 64 and 128 rows ``(W @ x^T)^T`` is as fast as ``x @ W`` (7.1 against 7.8 ms);
     from 2 to 32 rows it is 1-3.5x slower, so a short prompt (under 64 rows) keeps the usual layout."""
-    from . import ring
-
     return (torch.device(device).type == "cpu" and ring.PRODUCTS["method"] == "int64"
             and rows_per_product == 1 and prompt_rows >= 64)
 

@@ -144,11 +144,11 @@ def _as_crypten(t: torch.Tensor):
     return CUDALongTensor(t)
 
 
-def _ttp_ring(size, generator=None, device=None, **kwargs):
+def _ttp_ring(size, generator=None, device=None):
     return _as_crypten(ring(size, generator=generator, device=device))
 
 
-def _ttp_kbit(size, bitlength=None, generator=None, device=None, **kwargs):
+def _ttp_kbit(size, bitlength=None, generator=None, device=None):
     return _as_crypten(kbit(size, bitlength=bitlength, generator=generator, device=device))
 
 
