@@ -261,7 +261,7 @@ def _ge_protocol(x, thresholds, coarse: bool = False, lanes=None, form: str = "n
         dealt = tables.key(x.numel(), lane_bits, x.device, form)
         if dealt is not None:
             encoded = (torch.tensor([float(v) for v in thresholds]) * x.encoder.scale).long()  # as CrypTen encodes t
-            offsets = [-((-int(t)) >> drop) for t in encoded]  # ceil(t / 2^drop)
+            offsets = [-((-t) >> drop) for t in encoded.tolist()]  # ceil(t / 2^drop)
             return tables.sign_protocol(_lane_values(x, lane_bits, drop), lane_bits, dealt, offsets, form)
     t = torch.tensor([float(v) for v in thresholds], device=x.device).view(-1, *([1] * x.dim()))
     stacked = x.unsqueeze(0).expand(len(thresholds), *x.size()) - t
@@ -1436,31 +1436,63 @@ def _linear_lines(lo_exp: int, hi_exp: int, power: float, steps: int, scale_exp:
     return ends[0], tuple(b - a for a, b in zip(ends, ends[1:])), tuple(groups)
 
 
+@lru_cache(maxsize=None)
+def _linear_tensors(lo_exp: int, hi_exp: int, power: float, steps: int, scale_exp: int, device: str):
+    """:func:`_linear_lines` as tensors on ``device`` for :func:`_linear_terms`: the steps between the
+    intercepts, each bucket's slope and slope times lower edge (int64, wrapped as the ring wraps), the groups'
+    bucket ranges, and each group's truncation as (party 0's addend, shift)."""
+    _, between, groups = _linear_lines(lo_exp, hi_exp, power, steps, scale_exp)
+    starts, stops = [g[0] for g in groups], [g[1] for g in groups]
+    if starts[0] != 0 or starts[1:] != stops[:-1] or any(g[3] & (g[3] - 1) for g in groups):
+        raise AssertionError("linear guess groups must be consecutive bucket ranges with power-of-two divisors")
+    slopes = [s for g in groups for s in g[2]]
+    offsets = [((s * t + 2**63) % 2**64) - 2**63 for g in groups for s, t in zip(g[2], g[4])]
+
+    def column(values):
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return {"between": column(between), "slopes": column(slopes), "offsets": column(offsets),
+            "starts": column(starts), "stops": column(stops), "addends": column([g[3] for g in groups]),
+            "shifts": column([g[3].bit_length() - 1 for g in groups])}
+
+
+def _linear_terms(one_hot, one_hot_bits, lines: dict, first: bool):
+    """This party's share of sum_g trunc(sum_{j in g} s_j (x - t_j)), the linear terms of
+    :func:`_linear_guess` (plain ring tensors, local): ``one_hot`` (K + 1, *x) holds o_j x (scale 2^16),
+    ``one_hot_bits`` o_j (ring integers). Each group's sum is truncated by its power-of-two divisor as two
+    parties' shares are (:func:`mpc_lm.ring.truncate`: party 0 (``first``) adds the divisor, then each
+    shifts), all groups in the same few tensor operations: a prefix sum over the buckets gives every
+    group's sum. Bit-identical to truncating and adding the groups one by one."""
+    shape = (-1,) + (1,) * (one_hot.dim() - 1)
+    values = one_hot * lines["slopes"].view(shape) - one_hot_bits * lines["offsets"].view(shape)
+    prefix = torch.cat([torch.zeros_like(values[:1]), values]).cumsum(0)  # int64 sums wrap as the ring does
+    sums = prefix.index_select(0, lines["stops"]) - prefix.index_select(0, lines["starts"])
+    if first:
+        sums += lines["addends"].view(shape)
+    return sums.bitwise_right_shift_(lines["shifts"].view(shape)).sum(0)
+
+
 def _linear_guess_rounds(x, compare, lo_exp: int, hi_exp: int, power: float, steps: int, scale_exp: int, extra):
+    """The rounds of :func:`_linear_guess` after its comparison protocol ``compare``. Two parties only (the
+    comparison is on dealt tables), so every group's truncation is the shift of :func:`_linear_terms`."""
     below = yield from compare
     stacked = x.unsqueeze(0).expand((hi_exp - lo_exp) * steps, *x.size())
     (ints, times), *more = yield [("bit_mul_b2a", below ^ 1, stacked), *extra]
-    first, steps_between, groups = _linear_lines(lo_exp, hi_exp, power, steps, scale_exp)
-    shape = [-1] + [1] * x.dim()
-    guess = mul_public_int(ints, torch.tensor(steps_between, dtype=torch.long).view(shape)).sum(0)
+    first = _linear_lines(lo_exp, hi_exp, power, steps, scale_exp)[0]
+    xs = plain_ring(x._tensor.share).unsqueeze(0)
+    lines = _linear_tensors(lo_exp, hi_exp, power, steps, scale_exp, str(xs.device))
+    guess = mul_public_int(ints, lines["between"].view([-1] + [1] * x.dim())).sum(0)
     guess.encoder = FixedPointEncoder()
     guess = guess + first / guess.encoder.scale
     # the one-hot buckets j = 0..K: o_j x (ring, scale 2^16) and o_j (ring integers), from the K converted bits
     share = plain_ring(times._tensor.share)
-    xs = plain_ring(x._tensor.share).unsqueeze(0)
     one_hot = torch.cat([xs, share]) - torch.cat([share, torch.zeros_like(xs)])
     bits = plain_ring(ints._tensor.share)
-    one = torch.full_like(xs, 1 if crypten.communicator.get().get_rank() == 0 else 0)
+    party0 = crypten.communicator.get().get_rank() == 0
+    one = torch.full_like(xs, 1 if party0 else 0)
     one_hot_bits = torch.cat([one, bits]) - torch.cat([bits, torch.zeros_like(xs)])
-    for start, stop, slopes, divisor, lower in groups:
-        term = guess.clone()
-        slopes = torch.tensor(slopes, dtype=torch.long, device=one_hot.device).view(shape)
-        offsets = slopes * torch.tensor(lower, dtype=torch.long, device=one_hot.device).view(shape)
-        # s_j (x - t_j) where x is in bucket j, 0 elsewhere: an exact ring sum, truncated once
-        values = (one_hot[start:stop] * slopes - one_hot_bits[start:stop] * offsets).sum(0)
-        term._tensor.share = _like(x._tensor.share, values)
-        term._tensor.div_(divisor)
-        guess = guess + term
+    terms = _linear_terms(one_hot, one_hot_bits, lines, party0)
+    guess._tensor.share = _like(x._tensor.share, plain_ring(guess._tensor.share) + terms)
     return (guess, *more)
 
 

@@ -242,3 +242,25 @@ def test_linear_guess_truncates_small_terms(lo, hi, power, scale_exp):
     want = 2.0**scale_exp * x**power
     fit = 2.4e-4 if power == -1.0 else 9e-5
     assert ((guess - want).abs() <= fit * want + 2**-16).all(), float(((guess - want).abs() - fit * want).max())
+
+
+@pytest.mark.parametrize("lo, hi, power, scale_exp", [(-12, 14, -0.5, 0), (-1, 9, -1.0, approx.SOFTMAX_GUESS_EXP)])
+def test_linear_terms_in_one_pass_equal_the_groups_one_by_one(lo, hi, power, scale_exp):
+    """The linear guess's terms, all groups at once (prefix sums, one shift per group), are bit-identical to
+    each group summed, truncated as two parties' shares are (mpc_lm.ring.truncate) and added one by one."""
+    from mpc_lm import ring
+
+    steps = 16
+    _, _, groups = approx._linear_lines(lo, hi, power, steps, scale_exp)
+    lines = approx._linear_tensors(lo, hi, power, steps, scale_exp, "cpu")
+    gen = torch.Generator().manual_seed(7)
+    k = (hi - lo) * steps + 1
+    one_hot = torch.randint(-(2**63), 2**63 - 1, (k, 5, 1), generator=gen)
+    one_hot_bits = torch.randint(-(2**63), 2**63 - 1, (k, 5, 1), generator=gen)
+    for first in (True, False):
+        want = torch.zeros(5, 1, dtype=torch.long)
+        for start, stop, slopes, divisor, lower in groups:
+            s = torch.tensor(slopes).view(-1, 1, 1)
+            values = (one_hot[start:stop] * s - one_hot_bits[start:stop] * (s * torch.tensor(lower).view(-1, 1, 1))).sum(0)
+            want += ring.truncate(values, divisor, first)
+        assert torch.equal(approx._linear_terms(one_hot, one_hot_bits, lines, first), want)
