@@ -200,3 +200,20 @@ def plain_ring(t):
     import torch
 
     return t if torch.is_tensor(t) else t.tensor()
+
+
+def plain_rings(items: list) -> tuple[list, list]:
+    """(the items as plain tensors, which of them were CrypTen's ``CUDALongTensor``), for a transport."""
+    import torch
+
+    wrapped = [not torch.is_tensor(t) and hasattr(t, "tensor") for t in items]
+    return [t.tensor() if w else t for t, w in zip(items, wrapped)], wrapped
+
+
+def wrap_rings(results: list, wrapped: list) -> list:
+    """``results`` wrapped back as CrypTen's ``CUDALongTensor`` where :func:`plain_rings` unwrapped them."""
+    if not any(wrapped):
+        return results
+    from crypten.cuda import CUDALongTensor
+
+    return [CUDALongTensor(r) if w else r for r, w in zip(results, wrapped)]

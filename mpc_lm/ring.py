@@ -58,19 +58,21 @@ def _digits(x: torch.Tensor):
     return d0, d1, y >> 43
 
 
-def _blocks(rows: int, width: int):
-    """Row ranges of about BLOCK_ELEMENTS entries: each elementwise pass then reuses small cached
+def _blocks(rows: int, width: int, device: torch.device):
+    """Row ranges of about BLOCK_ELEMENTS entries on the CPU: each elementwise pass then reuses small cached
     temporaries instead of allocating weight-sized ones, which the OS faults in page by page
-    (docs/performance.md, lever 15)."""
+    (docs/performance.md, lever 15). On a GPU one range: every pass is a kernel launch."""
+    if device.type != "cpu":
+        return ((0, rows),)
     step = max(1, BLOCK_ELEMENTS // max(1, width))
     return ((s, min(rows, s + step)) for s in range(0, rows, step))
 
 
 def _left_digits(a: torch.Tensor) -> torch.Tensor:
     """(3, *a.shape) float64: a_0, a_1, a_2."""
-    out = torch.empty((len(DIGIT_BITS), *a.shape), dtype=torch.float64)
+    out = torch.empty((len(DIGIT_BITS), *a.shape), dtype=torch.float64, device=a.device)
     flat, dst = a.reshape(-1, a.size(-1)), out.view(len(DIGIT_BITS), -1, a.size(-1))
-    for s, e in _blocks(flat.size(0), flat.size(1)):
+    for s, e in _blocks(flat.size(0), flat.size(1), a.device):
         for i, d in enumerate(_digits(flat[s:e])):
             dst[i, s:e].copy_(d)
     return out
@@ -79,9 +81,9 @@ def _left_digits(a: torch.Tensor) -> torch.Tensor:
 def _right_digits(b: torch.Tensor) -> torch.Tensor:
     """(..., K, 3 N) float64: b_0, b_1, b_2 (..., K, N) side by side, so b_0 .. b_(2-i) is a prefix."""
     *batch, k, n = b.shape
-    out = torch.empty((*batch, k, len(DIGIT_BITS), n), dtype=torch.float64)
+    out = torch.empty((*batch, k, len(DIGIT_BITS), n), dtype=torch.float64, device=b.device)
     flat, dst = b.reshape(-1, n), out.view(-1, len(DIGIT_BITS), n)
-    for s, e in _blocks(flat.size(0), n):
+    for s, e in _blocks(flat.size(0), n, b.device):
         for i, d in enumerate(_digits(flat[s:e])):
             dst[s:e, i].copy_(d)
     return out.view(*batch, k, len(DIGIT_BITS) * n)
@@ -120,23 +122,41 @@ def choose(method: str = "auto") -> str:
     return method
 
 
-def _plain_cuda(a, b) -> bool:
-    """Both plain int64 tensors on a GPU, where torch has no integer matrix product."""
-    return (type(a) is torch.Tensor and type(b) is torch.Tensor
-            and a.dtype == torch.int64 and b.dtype == torch.int64 and a.is_cuda and b.is_cuda)
+def _gpu_operands(a, b):
+    """(plain a, plain b, whether to wrap the result) for a product of int64 ring tensors on a GPU, plain or
+    CrypTen's ``CUDALongTensor`` (the result is wrapped if either was); None for anything else."""
+    wrapped = False
+    plain = []
+    for t in (a, b):
+        if type(t) is not torch.Tensor:
+            if type(t).__name__ != "CUDALongTensor":
+                return None
+            t, wrapped = t.tensor(), True
+        plain.append(t)
+    a, b = plain
+    if not (a.dtype == torch.int64 and b.dtype == torch.int64 and a.is_cuda and b.is_cuda
+            and a.dim() >= 1 and b.dim() >= 2):
+        return None
+    return a, b, wrapped
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch.matmul(a, b)`` of int64 ring tensors modulo 2^64, on float64 BLAS digits for CPU tensors
-    where that is faster on this machine (:func:`choose`; bit-identical); plain GPU tensors through
-    CrypTen's ``CUDALongTensor`` (exact float64 blocks; torch has no int64 product on CUDA), returned
-    plain; anything else (CrypTen's own ``CUDALongTensor``) goes to ``torch.matmul``."""
+    """``torch.matmul(a, b)`` of int64 ring tensors modulo 2^64: on float64 BLAS digits for CPU tensors
+    where that is faster on this machine (:func:`choose`; bit-identical), always on a GPU (torch has no
+    int64 product on CUDA): 6 float64 products per block of the inner dimension where CrypTen's
+    ``CUDALongTensor`` makes 16, with 3 float64 copies of each operand instead of 16 (docs/performance.md,
+    lever 33). GPU operands may be plain or ``CUDALongTensor`` (CrypTen's shares); anything else goes to
+    ``torch.matmul``."""
     if not _fast(a, b):
-        if _plain_cuda(a, b):
+        gpu = _gpu_operands(a, b)
+        if gpu is None:
+            return torch.matmul(a, b)
+        out = _blas_matmul(gpu[0], gpu[1])
+        if gpu[2]:
             from crypten.cuda import CUDALongTensor
 
-            return torch.matmul(CUDALongTensor(a), CUDALongTensor(b)).tensor()
-        return torch.matmul(a, b)
+            return CUDALongTensor(out)
+        return out
     if PRODUCTS["method"] is None:
         choose("auto")
     if PRODUCTS["method"] == "int64":
@@ -186,9 +206,9 @@ def _digit_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     p0 = torch.matmul(al[0], bl)  # a_0 b_0, a_0 b_1, a_0 b_2
     p1 = torch.matmul(al[1], bl[..., : 2 * n])  # a_1 b_0, a_1 b_1
     p2 = torch.matmul(al[2], bl[..., :n])  # a_2 b_0
-    out = torch.empty(p2.shape, dtype=torch.int64)
+    out = torch.empty(p2.shape, dtype=torch.int64, device=p2.device)
     q0, q1, q2, dst = p0.reshape(-1, 3 * n), p1.reshape(-1, 2 * n), p2.reshape(-1, n), out.view(-1, n)
-    for s, e in _blocks(dst.size(0), 3 * n):
+    for s, e in _blocks(dst.size(0), 3 * n, p2.device):
         # float64 values are exact integers; int64 products and sums wrap modulo 2^64 as the ring does
         r0, r1, r2, o = q0[s:e], q1[s:e], q2[s:e], dst[s:e]
         o.copy_(r0[:, :n])
@@ -235,6 +255,8 @@ def _div_(self, y):
     if isinstance(y, float) and y.is_integer():
         y = int(y)
     share, comm = self.share, _CRYPTEN["comm"].get()
+    if type(share) is not torch.Tensor and type(share).__name__ == "CUDALongTensor":
+        share = share.tensor()  # CrypTen's GPU share: its tensor, changed in place
     if (isinstance(y, int) and y > 0 and y & (y - 1) == 0 and type(share) is torch.Tensor
             and share.dtype == torch.long and comm.get_world_size() == 2
             and not validation_mode()):

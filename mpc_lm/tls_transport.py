@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 from . import pki, prg
-from ._compat import import_crypten
+from ._compat import import_crypten, plain_ring, plain_rings, wrap_rings
 from .errors import ConfigError, RendezvousError
 from .transport import Audit, PartyCommunicator
 
@@ -137,7 +137,7 @@ class _Peer:
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach()
+    t = plain_ring(t).detach()  # CrypTen's GPU shares are CUDALongTensor
     if t.device.type != "cpu":
         t = t.cpu()
     return memoryview(t.reshape(-1).contiguous().view(torch.uint8).numpy())
@@ -536,6 +536,7 @@ class _TlsOps(DistributedCommunicator):
         if src is None:
             raise RuntimeError("the TLS transport needs the source rank of every receive")
         dt, buf = self.mesh.take(src, ch, K_TENSOR)
+        like = plain_ring(like)
         want = like.numel() * like.element_size()
         if _CODE.get(like.dtype, 0) != dt or buf.numel() != want:
             got = _DTYPES[dt - 1] if 0 < dt <= len(_DTYPES) else f"code {dt}"
@@ -594,22 +595,22 @@ class _TlsOps(DistributedCommunicator):
         return {r: [self._recv_t(r, MAIN, t) for t in items] for r in frm}
 
     def all_reduce(self, input, op=torch.distributed.ReduceOp.SUM, batched=False):
-        items = list(input) if batched else [input]
+        items, wrapped = plain_rings(list(input) if batched else [input])  # CrypTen's GPU shares: plain
         got = self._exchange(items, self._others(), self._others())
         got[self.rank] = items
-        result = [self._combine([got[r][i] for r in range(self.world_size)], op, self.rank)
-                  for i in range(len(items))]
+        result = wrap_rings([self._combine([got[r][i] for r in range(self.world_size)], op, self.rank)
+                             for i in range(len(items))], wrapped)
         return result if batched else result[0]
 
     def reduce(self, input, dst, op=torch.distributed.ReduceOp.SUM, batched=False):
-        items = list(input) if batched else [input]
+        items, wrapped = plain_rings(list(input) if batched else [input])
         if self.rank != dst:
             self._exchange(items, [dst], [])
             return None
         got = self._exchange(items, [], self._others())
         got[self.rank] = items
-        result = [self._combine([got[r][i] for r in range(self.world_size)], op, self.rank)
-                  for i in range(len(items))]
+        result = wrap_rings([self._combine([got[r][i] for r in range(self.world_size)], op, self.rank)
+                             for i in range(len(items))], wrapped)
         return result if batched else result[0]
 
     def gather(self, tensor, dst):

@@ -32,7 +32,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ._compat import import_crypten
+from ._compat import import_crypten, plain_rings, wrap_rings
 
 import_crypten()
 from crypten.communicator import DistributedCommunicator  # noqa: E402
@@ -217,9 +217,10 @@ class PartyCommunicator(DistributedCommunicator):
         n = self.world_size
         size = _nbytes(input) * 2 * (n - 1) / n
         self.traffic.add(ONLINE, sent=size, received=size)
-        items = list(input) if batched else [input]
+        # CrypTen's own GPU shares (CUDALongTensor: its openings, its Beaver products) travel as plain tensors
+        items, wrapped = plain_rings(list(input) if batched else [input])
         if self._exchanges(items, op):
-            result = self._exchange_reduce(items, op)
+            result = wrap_rings(self._exchange_reduce(items, op), wrapped)
             result = result if batched else result[0]
         else:
             result = super().all_reduce(input, op=op, batched=batched)

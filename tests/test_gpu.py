@@ -16,10 +16,13 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.mark.parametrize("security", [None, {"provider": "tfp", "insecure_development_mode": True}],
-                         ids=["ttp", "tfp"])
-def test_all_parties_on_one_gpu_match_plaintext(tmp_path, tiny_models, security):
-    cfg = write_config(tmp_path, tiny_models["bert"], security=security)
+@pytest.mark.parametrize("security, extra", [(None, ()), ({"provider": "tfp", "insecure_development_mode": True}, ()),
+                                             (None, ({"name": "cloud", "role": "compute"},))],
+                         ids=["ttp", "tfp", "ttp-3-parties"])
+def test_all_parties_on_one_gpu_match_plaintext(tmp_path, tiny_models, security, extra):
+    """Every party on cuda:0; with three computing parties the truncations are CrypTen's, whose wraps the
+    dealer draws on the request's device (mpc_lm.dealer.Dealer.wraps)."""
+    cfg = write_config(tmp_path, tiny_models["bert"], security=security, extra_parties=extra)
     data = yaml.safe_load(cfg.read_text())
     for party in data["parties"]:
         party["device"] = "cuda:0"
@@ -97,6 +100,10 @@ def test_gpu_openings_travel_over_the_exchange_socket():
     results = {mode: _run(mode, device="cuda:0") for mode in ("socket", "allreduce")}
     check_openings(results, device="cuda:0")
     assert results["socket"][0]["traffic"] == results["allreduce"][0]["traffic"]
+    # CrypTen's own shares (CUDALongTensor: its openings and Beaver products) over the socket too, returned wrapped
+    wrapped = {"socket": _run("socket", device="cuda:0", wrapped=True)}
+    check_openings(wrapped, device="cuda:0")
+    assert wrapped["socket"][0]["small"]["types"] == ["CUDALongTensor"]
 
 
 def test_ring_products_of_plain_gpu_tensors_equal_the_cpu_ring():
@@ -104,15 +111,43 @@ def test_ring_products_of_plain_gpu_tensors_equal_the_cpu_ring():
     masked products): torch has no int64 product on CUDA; the result equals the CPU's modulo 2^64."""
     from mpc_lm import ring
 
+    from crypten.cuda import CUDALongTensor
+
     g = torch.Generator().manual_seed(5)
-    for sa, sb in (((7, 300), (300, 9)), ((2, 5, 64), (64, 33)), ((1, 768), (768, 40))):
-        a = torch.randint(-(2**62), 2**62, sa, generator=g)
-        b = torch.randint(-(2**62), 2**62, sb, generator=g)
+    for sa, sb in (((7, 300), (300, 9)), ((2, 5, 64), (64, 33)), ((1, 768), (768, 40)),
+                   ((2, 3, 16, 8), (2, 3, 8, 16)), ((3, 5000), (5000, 7)), ((48,), (48, 5))):
+        a = torch.randint(-(2**63), 2**63 - 1, sa, generator=g)
+        b = torch.randint(-(2**63), 2**63 - 1, sb, generator=g)
         want = torch.matmul(a, b)
         got = ring.matmul(a.cuda(), b.cuda())
         assert type(got) is torch.Tensor and got.is_cuda
         assert torch.equal(got.cpu(), want)
         assert torch.equal(ring.matmul(a.cuda(), b.t().contiguous().t().cuda()).cpu(), want)  # by-column layout
+        # CrypTen's shares (CUDALongTensor), as its Beaver products pass them once ring.install ran
+        wrapped = ring.matmul(CUDALongTensor(a.cuda()), CUDALongTensor(b.cuda()))
+        assert isinstance(wrapped, CUDALongTensor) and torch.equal(wrapped.tensor().cpu(), want)
+        assert torch.equal(ring.matmul(CUDALongTensor(a.cuda()), b.cuda()).tensor().cpu(), want)
+
+
+def test_gpu_ring_products_use_a_fraction_of_crypten_memory():
+    """ring.matmul keeps 3 float64 copies of each operand where CrypTen's CUDALongTensor keeps 16: a GPT-2
+    LM head's product (1 x 768 @ 768 x 50,257) at well under half of CrypTen's peak."""
+    from crypten.cuda import CUDALongTensor
+
+    from mpc_lm import ring
+
+    a = torch.randint(-(2**63), 2**63 - 1, (1, 768), device="cuda")
+    b = torch.randint(-(2**63), 2**63 - 1, (768, 50257), device="cuda")
+    peaks = {}
+    for name, product in (("ring", lambda: ring.matmul(a, b)),
+                          ("crypten", lambda: torch.matmul(CUDALongTensor(a), CUDALongTensor(b)).tensor())):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        peaks[name] = (product(), torch.cuda.max_memory_allocated() - base)
+    print({k: f"{v[1] / 2**20:.0f} MiB" for k, v in peaks.items()})
+    assert torch.equal(peaks["ring"][0], peaks["crypten"][0])
+    assert peaks["ring"][1] < 0.5 * peaks["crypten"][1]
 
 
 def test_public_integer_factor_broadcasts_on_gpu_shares():

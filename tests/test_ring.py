@@ -80,10 +80,13 @@ def test_install_routes_crypten_products_and_uninstall_restores():
     assert beaver.torch is torch and ttp_provider.torch is torch
 
 
-@pytest.mark.parametrize("a_size,b_size", [((2, 3, 16, 8), (2, 3, 8, 16)), ((5, 48), (48, 37)), ((48,), (48, 5))])
-def test_cache_blocks_do_not_change_the_product(monkeypatch, a_size, b_size):
-    """Digits and recombination in blocks of 7 entries' rows (block edges inside batches and rows)."""
-    monkeypatch.setattr(ring, "BLOCK_ELEMENTS", 7)
+@pytest.mark.parametrize("block", [7, 2**62], ids=["blocks-of-7", "one-block"])
+@pytest.mark.parametrize("a_size,b_size", [((2, 3, 16, 8), (2, 3, 8, 16)), ((5, 48), (48, 37)), ((48,), (48, 5)),
+                                           ((2, 3, 5000), (5000, 6))])
+def test_cache_blocks_do_not_change_the_product(monkeypatch, a_size, b_size, block):
+    """Digits and recombination in blocks of 7 entries' rows (block edges inside batches and rows), or in one
+    pass over each tensor as on a GPU (``ring._blocks``), also over several blocks of the inner dimension."""
+    monkeypatch.setattr(ring, "BLOCK_ELEMENTS", block)
     gen = torch.Generator().manual_seed(11)
     a, b = _ring(*a_size, gen=gen), _ring(*b_size, gen=gen)
     assert torch.equal(ring.matmul(a, b), torch.matmul(a, b))

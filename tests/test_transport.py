@@ -17,7 +17,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _party(rank: int, port: int, mode: str, out, device: str = "cpu") -> None:
+def _party(rank: int, port: int, mode: str, out, device: str = "cpu", wrapped: bool = False) -> None:
     import torch
     import torch.distributed as dist
 
@@ -35,22 +35,30 @@ def _party(rank: int, port: int, mode: str, out, device: str = "cpu") -> None:
     results = {}
     for name, size in (("small", 1000), ("large", (1 << 17) + 1)):
         x = torch.randint(-(2**63), 2**63 - 1, (size,), dtype=torch.long, generator=gen).to(device)
+        head = x[:7]
+        if wrapped:  # CrypTen's GPU shares
+            from crypten.cuda import CUDALongTensor
+
+            x, head = CUDALongTensor(x), CUDALongTensor(head)
         before = len(used)
         total = comm.all_reduce(x)
         xor = comm.all_reduce(x, op=dist.ReduceOp.BXOR)
-        pair = comm.all_reduce([x, x[:7]], batched=True)
-        results[name] = {"sum": total.tolist()[:50], "xor": xor.tolist()[:50], "pair": pair[1].tolist(),
-                         "exchanged": len(used) - before, "mine": x.tolist()[:50],
-                         "devices": sorted({str(t.device) for t in (total, xor, *pair)})}
+        pair = comm.all_reduce([x, head], batched=True)
+        outs = (total, xor, *pair)
+        plain = [t if torch.is_tensor(t) else t.tensor() for t in outs]
+        results[name] = {"sum": plain[0].tolist()[:50], "xor": plain[1].tolist()[:50], "pair": plain[3].tolist(),
+                         "exchanged": len(used) - before, "mine": (x if torch.is_tensor(x) else x.tensor()).tolist()[:50],
+                         "devices": sorted({str(t.device) for t in plain}),
+                         "types": sorted({type(t).__name__ for t in outs})}
     results["traffic"] = comm.traffic.snapshot()
     dist.destroy_process_group()
     out.put((rank, results))
 
 
-def _run(mode: str, device: str = "cpu") -> dict:
+def _run(mode: str, device: str = "cpu", wrapped: bool = False) -> dict:
     ctx = mp.get_context("spawn")
     out, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_party, args=(r, port, mode, out, device)) for r in range(2)]
+    procs = [ctx.Process(target=_party, args=(r, port, mode, out, device, wrapped)) for r in range(2)]
     for p in procs:
         p.start()
     got = dict(out.get(timeout=120) for _ in procs)
