@@ -6,6 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PYTHON="$PY"  # the scripts it calls run "$PYTHON" too
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 R=benchmarks/results
 step() { echo "=== $*"; "$@" || echo "=== FAILED ($?): $*"; }

@@ -309,8 +309,8 @@ def serve_data_owner(ctx: PartyContext, owner: str, arch: CausalArch, params) ->
             if pre is not None:
                 for k in ("offline_s", "plan_s", "requests"):
                     offline_stats[k] = offline_stats.get(k, 0) + pre[k]
-        if mine:
-            results.append((batch, out))
+        if mine:  # kept until the job ends: on the CPU, not in the device's memory
+            results.append((batch, {k: v.cpu() for k, v in out.items()}))
     if ctx.comm.audit is not None:  # test instrument (docs/security.md): job state is live here
         ctx.comm.audit.snapshot_held()
     if mine:

@@ -303,6 +303,13 @@ class ConsortiumConfig(_Strict):
             )
         if self.security.provider == "tfp" and count[Role.DEALER]:
             raise ValueError("security.provider 'tfp' uses no dealer: remove the dealer party")
+        kinds = {p.device.split(":")[0] for p in self.parties if p.role != Role.DEALER}
+        if len(kinds) > 1:
+            listed = ", ".join(f"{p.name}: {p.device}" for p in self.parties if p.role != Role.DEALER)
+            raise ValueError(
+                f"the computing parties must compute on one kind of device, cpu or cuda ({listed}): each "
+                "party's correlated randomness comes from a stream per device kind, so mixed kinds would not "
+                "add up; set every computing party's device to cpu, or every one to cuda[:N]")
         training = self.job.kind == "train"
         for p in self.parties:
             if p.role == Role.DATA_OWNER and not training and p.input is None:

@@ -76,6 +76,18 @@ class Dealer(TTPServer):
         c = ring.matmul(a, b)
         return c - self._get_additive_PRSS(c.size(), remove_rank=True)
 
+    def wraps(self, size):
+        """Party 0's share of the wraps of r (CrypTen's truncation with more than two computing parties):
+        every party's share of r drawn from its stream on the request's device, as the parties draw it.
+        (CrypTen's own draws r on the CPU streams whatever the device, so a GPU run would fail or be wrong.)"""
+        from crypten.common.util import count_wraps
+        from crypten.mpc.provider import ttp_provider
+
+        size = torch.Size(size)
+        r = [plain_ring(ttp_provider.generate_random_ring_element(size, generator=g, device=g.device))
+             for g in self._get_generators(device=self.device)]
+        return count_wraps(r) - plain_ring(self._get_additive_PRSS(size, remove_rank=True))
+
     def _deal(self, values):
         """Party 0's shares of ``values``: the values minus every other party's seeded share."""
         return values - plain_ring(self._get_additive_PRSS(values.size(), remove_rank=True))

@@ -45,6 +45,7 @@ def test_ranks_follow_listed_order_and_dealer_is_last():
     (lambda c: c["parties"].append({"name": "vendor", "role": "compute"}), "repeated: ['vendor']"),
     (lambda c: c["parties"][1].pop("input"), "data owner 'hospital' needs 'input'"),
     (lambda c: c["parties"][0].update(device="tpu"), "device 'tpu'"),
+    (lambda c: c["parties"][0].update(device="cuda:1"), "one kind of device, cpu or cuda (vendor: cuda:1, hospital: cpu)"),
     (lambda c: c["parties"][0].update(input="a.txt"), "only data_owner parties take 'input'"),
     (lambda c: c.update(jobb={}), "jobb: unknown key"),
     (lambda c: c.update(job={"seq_len": 1}), "job.seq_len"),
