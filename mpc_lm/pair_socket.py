@@ -34,8 +34,8 @@ SEND_CHUNK = 1 << 20
 
 
 def _view(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's storage."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    """A writable byte view of a contiguous CPU tensor's storage (numpy's view: no tensor operations)."""
+    return memoryview(t.numpy()).cast("B")
 
 
 class PairSocket:
