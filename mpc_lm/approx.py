@@ -622,14 +622,15 @@ _SUBSET_ROWS = torch.tensor([[GROUP_LITERALS[i][m.bit_length() - 1][0] if m & (m
                               else 6 + 4 * i + (3, 5, 6, 7).index(m) for m in range(1, 8)] for i in range(4)])
 #: Up to this many groups :func:`_select4_combine` works on all four elements and eight subsets at once
 #: (a dozen tensor calls instead of ~120: a generation step's small selections, where each call's
-#: dispatch is the cost); above it the element-by-element form, whose temporaries stay in the cache.
+#: dispatch is the cost); above it, on a CPU, the element-by-element form, whose temporaries stay in the
+#: cache. On a GPU always at once: there each call is a kernel launch.
 SELECT4_STACKED_MAX = 16384
 
 
 def _select4_combine(z: torch.Tensor, d: torch.Tensor, a: torch.Tensor, tail: torch.Tensor, first: bool):
     """This party's share of sum_i W_i x_i (``select4``) from the opened z (6, *g) and d (4, *g), its
     shares of the masks a (4, *g) and of :func:`select4_correlations`' values ``tail`` (50, *g)."""
-    if d[0].numel() <= SELECT4_STACKED_MAX:
+    if d[0].numel() <= SELECT4_STACKED_MAX or d.device.type != "cpu":
         return _select4_stacked(z, d, a, tail, first)
     lits = GROUP_LITERALS
     total = torch.zeros_like(d[0])
