@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 from pydantic import BaseModel
 
-from . import prg, ring
+from . import opcount, prg, ring
 from ._compat import import_crypten, plain_ring
 
 crypten = import_crypten()
@@ -658,7 +658,8 @@ def run(cfg, key, fn, *args):
     offline_s = time.perf_counter() - started
     provider.mode = "replay"
     try:
-        result = fn(*args)
+        with opcount.counting(comm.get().get_rank()):  # MPC_LM_OP_COUNT (off by default)
+            result = fn(*args)
         if provider.queue or provider.products_ahead or provider.drawn:
             raise PlanMismatch(f"the online run left {len(provider.queue)} planned dealer answers, "
                                f"{len(provider.products_ahead)} premasked products and {len(provider.drawn)} "

@@ -150,3 +150,25 @@ def test_a_segment_that_reads_weights_it_was_not_given_is_refused(_dealer):
 
     with pytest.raises(RuntimeError, match="not among its arguments"):
         offline.plan(body, (x,))
+
+
+def test_operation_counts_are_written_only_when_asked(tmp_path, monkeypatch):
+    """MPC_LM_OP_COUNT (mpc_lm/opcount.py): the aten operations of a block, by name, in one JSON file per run."""
+    import json
+
+    import torch
+
+    from mpc_lm import opcount
+
+    monkeypatch.delenv(opcount.ENV, raising=False)
+    with opcount.counting(0) as counter:
+        torch.ones(3).add(1)
+    assert counter is None and not list(tmp_path.iterdir())
+    monkeypatch.setenv(opcount.ENV, str(tmp_path / "ops"))
+    with opcount.counting(1):
+        torch.ones(3).add(1).mul_(2)
+    files = list((tmp_path / "ops").glob("ops-1-*.json"))
+    assert len(files) == 1
+    got = json.loads(files[0].read_text())
+    assert got["ops"]["aten.add.Tensor"] == 1 and got["ops"]["aten.mul_.Tensor"] == 1
+    assert got["total"] == sum(got["ops"].values())
