@@ -43,7 +43,8 @@ an empty pseudo-random zero sharing, eight tensor operations, all thrown away wh
 put in. A BERT-base forward made 4,257 of them per party (docs/performance.md, lever 32).
 :func:`_light_copies` makes the same objects directly: the same attributes, the same share tensor
 objects, no draws (an empty draw consumes no randomness, so the parties' generators stay where
-they were).
+they were). :func:`_results_without_copies` likewise drops the copy of the share CrypTen makes and throws
+away for every ``x + y``, ``x - y`` and ``x * public`` (docs/performance.md, lever 34).
 """
 
 from __future__ import annotations
@@ -98,7 +99,49 @@ def import_crypten():
     crypten.encoder.FixedPointEncoder.decode = _exact_decode
     _direct_attributes(crypten)
     _light_copies(crypten)
+    _results_without_copies(crypten)
     return crypten
+
+
+def _results_without_copies(crypten) -> None:
+    """CrypTen's ``x + y``, ``x - y`` and ``x * public`` on arithmetic shares without the copy it throws away.
+
+    ``ArithmeticSharedTensor._arithmetic_function`` starts a result that is not in place with
+    ``self.clone()`` (a copy of the share) and then, for these operators, replaces the share with a new
+    tensor (``share.add(y)``, ``torch.mul(share, y)``): the copy is never used. Here the result starts as a
+    shallow copy and gets the same new tensor, so it never shares storage with ``self``. Every other case
+    (in place, a secret product, operands of different scales, party 1's share of ``x + public``, which
+    is the copy itself) is CrypTen's own code (docs/performance.md, lever 34)."""
+    import torch
+    from crypten.common.tensor_types import is_tensor
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+
+    original = ArithmeticSharedTensor.__dict__["_arithmetic_function"]
+    if getattr(original, "_mpc_lm", False):
+        return
+
+    def _arithmetic_function(self, y, op, inplace=False, *args, **kwargs):
+        if not inplace and not args and not kwargs and op in ("add", "sub", "mul"):
+            if isinstance(y, (int, float)) or is_tensor(y):  # a public operand
+                if op != "mul" and self.rank != 0:
+                    return original(self, y, op, inplace)
+                result = self.shallow_copy()
+                y = result.encoder.encode(y, device=self.device)
+                if op == "mul":
+                    result.share = torch.mul(self.share, y)
+                    if self.encoder.scale > 1:
+                        return result.div_(result.encoder.scale)
+                    return result
+                result.share = getattr(self.share, op)(y)
+                return result
+            if op != "mul" and isinstance(y, ArithmeticSharedTensor) and self.encoder.scale == y.encoder.scale:
+                result = self.shallow_copy()
+                result.share = getattr(self.share, op)(y.share)
+                return result
+        return original(self, y, op, inplace, *args, **kwargs)
+
+    _arithmetic_function._mpc_lm = True
+    ArithmeticSharedTensor._arithmetic_function = _arithmetic_function
 
 
 def _light_copies(crypten) -> None:
